@@ -1,0 +1,61 @@
+"""`homenet-agent`: the device side."""
+
+from __future__ import annotations
+
+import signal
+import threading
+from pathlib import Path
+
+import click
+
+from homenet import logs
+from homenet.settings import AgentSettings, SettingsError, load
+
+from .app import build
+
+
+@click.group()
+@click.version_option(package_name="homenet")
+def main() -> None:
+    """homenet configured agent (IEC 62608): registers this device and applies its configuration."""
+
+
+def _settings(config: Path | None, **flags: object) -> AgentSettings:
+    try:
+        return load(AgentSettings, config, flags)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+@main.command()
+@click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False), help="TOML settings file.")
+@click.option("--broker", help="Broker URL, e.g. mqtt://192.168.1.1:1883.")
+@click.option("--device-id", help="Device id (default: hn-<MAC of the first interface>).")
+@click.option("--device-type", help="Device type: iptv-stb, nas, media-player, game-console, "
+              "smart-speaker, camera, generic, ...")
+@click.option("--model", help="Model name reported to the configurator.")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), help="State directory.")
+@click.option("--collector", type=click.Choice(["linux", "simulated"]), help="Where device info comes from.")
+@click.option("--root", help="Topic root (default homenet/v1).")
+@click.option("--verbose", "-v", is_flag=True)
+def run(config: Path | None, verbose: bool, **flags: object) -> None:
+    """Run the agent until SIGINT/SIGTERM."""
+    logs.setup(verbose)
+    settings = _settings(config, **flags)
+    agent = build(settings)
+    done = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: done.set())
+    agent.start()
+    done.wait()
+    agent.stop()
+
+
+@main.command()
+@click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False))
+@click.option("--device-id")
+@click.option("--device-type")
+@click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
+def info(config: Path | None, **flags: object) -> None:
+    """Print the device info this agent would register, as JSON."""
+    click.echo(build(_settings(config, **flags)).device_info().model_dump_json(indent=2))

@@ -1,0 +1,224 @@
+"""The configured agent: discovery, registration, execution and confirmation over MQTT.
+
+Theory of operation: on every (re)connect the agent subscribes first (paho does not restore
+subscriptions), marks itself online (the will says offline), and waits for the retained
+`configurator/state`. Each time a configurator is online with an epoch it has not registered
+with on this connection, it registers. A retained `config` above the applied version is
+executed item by item; the new version and its result are saved before the result is
+published, so a restart neither re-applies nor forgets a confirmation. An `info` goes out when
+the device's interfaces or addresses change.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from homenet import __version__
+from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.schemas import ContractError, Topics, decode, encode
+from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
+                                      RegisterReply, RegisterStatus, ResultStatus, Rpc, RpcReply, Target)
+from homenet.sequence import SequenceCounter
+from homenet.settings import AgentSettings
+
+from .collector import Collector
+from .executor import Executor
+from .state import StateFile
+
+log = logging.getLogger(__name__)
+
+_OK = (ItemStatus.APPLIED, ItemStatus.UNCHANGED)
+
+
+def overall(statuses: list[ItemStatus]) -> ResultStatus:
+    """All items fine -> ok; none fine -> failed; some -> partial."""
+    fine = sum(s in _OK for s in statuses)
+    if fine == len(statuses):
+        return ResultStatus.OK
+    return ResultStatus.FAILED if fine == 0 else ResultStatus.PARTIAL
+
+
+class Agent:
+    def __init__(self, settings: AgentSettings, device_id: str, state: StateFile,
+                 collector: Collector, executor: Executor) -> None:
+        self.settings = settings
+        self.device_id = device_id
+        self.state = state
+        self.collector = collector
+        self.executor = executor
+        self.topics = Topics(settings.root)
+        self.broker = BrokerUrl.parse(settings.broker)
+        self._seq = SequenceCounter(state.state.seq_reserved, lambda c: state.update(seq_reserved=c))
+        self._lock = threading.Lock()
+        self._registered_epoch: int | None = None
+        self._register_id = ""
+        self._last_info: DeviceInfo | None = None
+        self._stop = threading.Event()
+        self.registered = threading.Event()
+        self.confirmed = threading.Event()
+        self.client = make_client(device_id, clean_session=False,
+                                  will=(self._topic("status"), b'{"state":"offline"}'))
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._routes: dict[str, Callable[[paho.MQTTMessage], None]] = {
+            self.topics.configurator_state: self._on_configurator_state,
+            self._topic("register/reply"): self._on_register_reply,
+            self._topic("config"): self._on_config,
+            self._topic("rpc"): self._on_rpc,
+        }
+        if state.state.applied_version:
+            self.confirmed.set()
+
+    def _topic(self, channel: str) -> str:
+        return self.topics.device(self.device_id, channel)
+
+    # --- running ---------------------------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        self.client.loop_start()
+        threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
+
+    def stop(self) -> None:
+        self._stop.set()
+        if self.client.is_connected():
+            self.client.publish(self._topic("status"), b'{"state":"offline"}', qos=1,
+                                retain=True).wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
+        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next())
+        self.client.publish(self._topic(channel), payload, qos=1, retain=retain)
+        return msg_id, payload
+
+    def device_info(self) -> DeviceInfo:
+        return DeviceInfo(
+            device_id=self.device_id, device_type=self.settings.device_type, model=self.settings.model,
+            hostname=self.collector.hostname(), agent_version=__version__,
+            capabilities=[f"executor:{self.executor.name}"],
+            interfaces=self.collector.interfaces(), applied_version=self.state.state.applied_version)
+
+    # --- connection ------------------------------------------------------------------------
+
+    def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        if reason.is_failure:
+            log.error("broker %s refused the agent: %s", self.broker, reason)
+            return
+        set_nodelay(client)
+        with self._lock:
+            self._registered_epoch = None
+        self.registered.clear()
+        client.subscribe([(self.topics.configurator_state, 1), (self._topic("register/reply"), 1),
+                          (self._topic("config"), 1), (self._topic("rpc"), 1)])
+        client.publish(self._topic("status"), b'{"state":"online"}', qos=1, retain=True)
+        if self.state.state.last_result:  # the broker may have lost retained messages
+            client.publish(self._topic("config/result"), self.state.state.last_result.encode(),
+                           qos=1, retain=True)
+        log.info("agent %s connected to %s", self.device_id, self.broker)
+
+    def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+        self.registered.clear()
+        if not self._stop.is_set():
+            log.warning("disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
+
+    def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        handler = self._routes.get(msg.topic)
+        if handler is None:
+            log.warning("message on unexpected topic %s ignored", msg.topic)
+            return
+        try:
+            handler(msg)
+        except ContractError as exc:
+            log.warning("rejected message on %s: %s", msg.topic, exc)
+        except Exception:
+            log.exception("internal error handling %s", msg.topic)
+
+    # --- the sequence ----------------------------------------------------------------------
+
+    def _on_configurator_state(self, msg: paho.MQTTMessage) -> None:
+        envelope, state = decode(msg.payload, expected_kind="configurator.state")
+        if state.state != "online":
+            log.info("configurator %s is offline; waiting", state.configurator_id)
+            return
+        with self._lock:
+            if self._registered_epoch == state.epoch:
+                return
+            self._registered_epoch = state.epoch
+        info = self.device_info()
+        self._register_id, _ = self._publish("register", "register", info)
+        self._last_info = info
+        log.info("found configurator %s (epoch %d); registering as %s (%s)",
+                 state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
+
+    def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
+        _, reply = decode(msg.payload, expected_kind="register.reply")
+        if reply.re != self._register_id:
+            log.info("register.reply for an earlier registration ignored")
+            return
+        if reply.status == RegisterStatus.ACCEPTED:
+            log.info("registered; configuration version %d%s", reply.config_version,
+                     f" ({reply.reason})" if reply.reason else "")
+            self.registered.set()
+        else:
+            log.warning("registration %s: %s", reply.status.value, reply.reason)
+
+    def _on_config(self, msg: paho.MQTTMessage) -> None:
+        if not msg.payload:  # a cleared retained config
+            return
+        envelope, config = decode(msg.payload, expected_kind="config")
+        if config.device_id != self.device_id:
+            raise ContractError(f"config for {config.device_id} on the topic of {self.device_id}")
+        applied = self.state.state.applied_version
+        if config.version <= applied:
+            log.debug("config version %d ignored: version %d is applied", config.version, applied)
+            return
+        results = [self.executor.apply(item) for item in config.items if item.target == Target.AGENT]
+        result = ConfigResult(re=envelope.id, version=config.version,
+                              status=overall([r.status for r in results]), items=results,
+                              in_force=self.executor.in_force())
+        msg_id, payload = encode("config.result", result, sender=self.device_id, seq=self._seq.next())
+        self.state.update(applied_version=config.version, applied_config_id=envelope.id,
+                          last_result=payload.decode())
+        self.client.publish(self._topic("config/result"), payload, qos=1, retain=True)
+        log.info("config version %d: %s (%s)", config.version, result.status.value,
+                 ", ".join(f"{r.item} {r.status.value}" for r in results) or "no agent items")
+        self.confirmed.set()
+        self._send_info_if_changed()
+
+    def _on_rpc(self, msg: paho.MQTTMessage) -> None:
+        envelope, rpc = decode(msg.payload, expected_kind="rpc")
+        result: dict[str, Any] = {}
+        if rpc.method == "refresh":
+            self._send_info_if_changed(force=True)
+        elif rpc.method == "state":
+            result = {**self.state.state.model_dump(exclude={"last_result"}),
+                      "in_force": self.executor.in_force()}
+        self._publish("rpc/reply", "rpc.reply", RpcReply(re=envelope.id, ok=True, result=result))
+
+    # --- info ------------------------------------------------------------------------------
+
+    def _send_info_if_changed(self, force: bool = False) -> None:
+        if not self.registered.is_set():
+            return
+        with self._lock:
+            info = self.device_info()
+            if not force and info == self._last_info:
+                return
+            self._last_info = info
+            self._publish("info", "info", info, retain=True)
+            log.info("sent info: %s", json.dumps([i.addresses for i in info.interfaces]))
+
+    def _watch_info(self) -> None:
+        while not self._stop.wait(self.settings.info_interval):
+            try:
+                self._send_info_if_changed()
+            except Exception:
+                log.exception("collecting device info failed")

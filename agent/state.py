@@ -1,0 +1,37 @@
+"""The agent's own state, kept across restarts and power cuts (atomic JSON file)."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict
+
+from homenet.durable import read_json, write_json_atomic
+
+
+class AgentState(BaseModel):
+    model_config = ConfigDict(extra="ignore")
+
+    device_id: str | None = None
+    seq_reserved: int = 0
+    applied_version: int = 0
+    applied_config_id: str = ""
+    last_result: str | None = None
+    """The `config.result` payload of the applied version, re-sent if the broker lost it."""
+
+
+class StateFile:
+    """Load once, then every `update` is one atomic write."""
+
+    def __init__(self, data_dir: Path) -> None:
+        self.path = Path(data_dir) / "state.json"
+        self._lock = threading.Lock()
+        self.state = AgentState.model_validate(read_json(self.path, {}))
+
+    def update(self, **changes: object) -> AgentState:
+        with self._lock:
+            state = self.state.model_copy(update=changes)
+            write_json_atomic(self.path, state.model_dump(mode="json"))
+            self.state = state
+            return state

@@ -1,0 +1,119 @@
+"""The embedded amqtt broker, started and stopped from code.
+
+amqtt has no payload size limit of its own: `HomenetBroker` drops an oversized PUBLISH before it
+is routed or retained, and says so on the `events` topic so a user watching with mosquitto_sub
+sees why a message vanished. It also fixes amqtt's leak of retained messages across clients.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import threading
+import time
+from typing import Any
+
+from amqtt.broker import Broker
+
+from homenet.schemas import Topics, encode
+from homenet.schemas.messages import Event, Severity
+from homenet.settings import BrokerSettings
+
+log = logging.getLogger(__name__)
+
+
+def broker_config(settings: BrokerSettings) -> dict[str, Any]:
+    """amqtt configuration: our listeners and our auth plugin, none of amqtt's defaults."""
+    listeners: dict[str, Any] = {}
+    for n, bind in enumerate(settings.listeners):
+        listeners["default" if n == 0 else f"listener-{n}"] = {"type": "tcp", "bind": bind, "max_connections": 0}
+    return {
+        "listeners": listeners,
+        "timeout_disconnect_delay": 0,
+        "plugins": {"homenet.broker.auth.ClientIdAuthPlugin": {}},
+    }
+
+
+class HomenetBroker(Broker):
+    def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
+        super().__init__(broker_config(settings))
+        self.max_payload = settings.max_payload
+        self.topics = topics
+
+    async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
+        message = wait_deliver.result()
+        if message is not None and message.data is not None and len(message.data) > self.max_payload:
+            reason = (f"payload of {len(message.data)} bytes on {message.topic} is over the broker's "
+                      f"{self.max_payload}-byte limit; dropped")
+            log.warning("client %s: %s", client_session.client_id, reason)
+            await self._event(client_session.client_id, message.topic, reason)
+            return True
+        return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+
+    async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
+                                                          session: Any) -> None:
+        """Send retained messages only for filters this session holds.
+
+        amqtt 0.12.1 calls this at every CONNECT for *every* filter any client subscribed to,
+        so a connecting client received retained messages of other devices' topics (their
+        configs included). Measured here; see docs/amqtt-notes.md.
+        """
+        holders = self._subscriptions.get(subscription[0], ())
+        if any(s.client_id == session.client_id for s, _ in holders):
+            await super()._publish_retained_messages_for_subscription(subscription, session)
+
+    async def _event(self, client_id: str, topic: str, reason: str) -> None:
+        body = Event(event="message.rejected", severity=Severity.WARNING, topic=topic,
+                     sender=client_id, reason=reason)
+        # Broker events are informational and unsigned; a millisecond clock keeps seq rising.
+        _, payload = encode("event", body, sender="broker", seq=time.time_ns() // 1_000_000)
+        await self.internal_message_broadcast(self.topics.events, payload, qos=1)
+
+
+class EmbeddedBroker:
+    """Start/stop handle for the broker inside an asyncio loop."""
+
+    def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
+        self.settings = settings
+        self.topics = topics
+        self._broker: HomenetBroker | None = None
+
+    async def start(self) -> None:
+        self._broker = HomenetBroker(self.settings, self.topics)  # amqtt needs the running loop
+        await self._broker.start()
+        log.info("broker listening on %s", ", ".join(self.settings.listeners))
+
+    async def stop(self) -> None:
+        if self._broker is not None:
+            await self._broker.shutdown()
+
+
+async def serve_forever(settings: BrokerSettings, topics: Topics, stop: asyncio.Event) -> None:
+    broker = EmbeddedBroker(settings, topics)
+    await broker.start()
+    try:
+        await stop.wait()
+    finally:
+        await broker.stop()
+
+
+class BrokerThread:
+    """The embedded broker on its own event loop thread, for callers that are not asyncio."""
+
+    def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
+        self._settings = settings
+        self._topics = topics
+        self._loop = asyncio.new_event_loop()
+        self._thread = threading.Thread(target=self._loop.run_forever, name="amqtt", daemon=True)
+        self._broker: EmbeddedBroker | None = None
+
+    def start(self) -> None:
+        self._thread.start()
+        self._broker = EmbeddedBroker(self._settings, self._topics)
+        asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout=30)
+
+    def stop(self) -> None:
+        if self._broker is not None:
+            asyncio.run_coroutine_threadsafe(self._broker.stop(), self._loop).result(timeout=30)
+        self._loop.call_soon_threadsafe(self._loop.stop)
+        self._thread.join(timeout=10)

@@ -1,0 +1,187 @@
+"""`homenet`: the gateway side (broker, configurator, operator commands, demo, bench)."""
+
+from __future__ import annotations
+
+import asyncio
+import signal
+from pathlib import Path
+from typing import Any
+
+import click
+
+from homenet import logs
+from homenet.settings import (ConfiguratorSettings, GatewaySettings, SettingsError, load)
+
+from .app import db_path
+from .table import device_detail, device_table
+
+CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
+                      help="TOML settings file.")
+DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+                        help="Directory of the configuration database.")
+VERBOSE = click.option("--verbose", "-v", is_flag=True)
+
+
+def _load(model: Any, config: Path | None, **flags: object) -> Any:
+    try:
+        return load(model, config, flags)
+    except SettingsError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+def local_url(bind: str) -> str:
+    """The URL a co-located process uses to reach a listener bound to `bind` (host:port)."""
+    return f"mqtt://127.0.0.1:{bind.rsplit(':', 1)[1]}"
+
+
+async def _until_signal() -> None:
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        loop.add_signal_handler(sig, stop.set)
+    await stop.wait()
+
+
+@click.group()
+@click.version_option(package_name="homenet")
+def main() -> None:
+    """homenet gateway: IEC 62608 configurator and embedded MQTT broker."""
+
+
+@main.group()
+def gateway() -> None:
+    """The home gateway appliance: broker and configurator together."""
+
+
+@gateway.command("run")
+@CONFIG
+@DATA_DIR
+@click.option("--listen", multiple=True, help="Broker listener bind, e.g. ':::1883' (repeatable).")
+@VERBOSE
+def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...], verbose: bool) -> None:
+    """Run the embedded broker and the configurator until SIGINT/SIGTERM."""
+    from homenet.broker.server import EmbeddedBroker
+
+    from .app import build
+
+    logs.setup(verbose)
+    settings: GatewaySettings = _load(GatewaySettings, config, **{
+        "configurator.data_dir": data_dir, "broker.listeners": list(listen) or None})
+    conf_settings = settings.configurator.model_copy(
+        update={"broker": local_url(settings.broker.listeners[0])})
+
+    async def serve() -> None:
+        broker = EmbeddedBroker(settings.broker, _topics(conf_settings))
+        await broker.start()
+        configurator = build(conf_settings)
+        configurator.start()
+        try:
+            await _until_signal()
+        finally:
+            await asyncio.to_thread(configurator.stop)
+            await broker.stop()
+
+    asyncio.run(serve())
+
+
+def _topics(settings: ConfiguratorSettings) -> Any:
+    from homenet.schemas import Topics
+
+    return Topics(settings.root)
+
+
+@main.group()
+def broker() -> None:
+    """The embedded amqtt broker alone."""
+
+
+@broker.command("run")
+@CONFIG
+@click.option("--listen", multiple=True, help="Listener bind, e.g. ':::1883' (repeatable).")
+@VERBOSE
+def broker_run(config: Path | None, listen: tuple[str, ...], verbose: bool) -> None:
+    """Run only the broker (the configurator can then run elsewhere)."""
+    from homenet.broker.server import EmbeddedBroker
+
+    logs.setup(verbose)
+    settings: GatewaySettings = _load(GatewaySettings, config, **{"broker.listeners": list(listen) or None})
+
+    async def serve() -> None:
+        embedded = EmbeddedBroker(settings.broker, _topics(settings.configurator))
+        await embedded.start()
+        try:
+            await _until_signal()
+        finally:
+            await embedded.stop()
+
+    asyncio.run(serve())
+
+
+@main.group()
+def configurator() -> None:
+    """The configurator alone, against any MQTT 3.1.1 broker."""
+
+
+@configurator.command("run")
+@CONFIG
+@DATA_DIR
+@click.option("--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
+@VERBOSE
+def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, verbose: bool) -> None:
+    """Run the configurator until SIGINT/SIGTERM."""
+    from .app import build
+
+    logs.setup(verbose)
+    settings: GatewaySettings = _load(GatewaySettings, config, **{
+        "configurator.data_dir": data_dir, "configurator.broker": broker})
+    service = build(settings.configurator)
+    service.start()
+    asyncio.run(_until_signal())
+    service.stop()
+
+
+@main.group()
+def devices() -> None:
+    """Read the configuration database."""
+
+
+def _store(config: Path | None, data_dir: Path | None) -> Any:
+    from .store import TinyStore
+
+    settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.data_dir": data_dir})
+    path = db_path(settings.configurator.data_dir)
+    if not path.exists():
+        raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
+    return TinyStore(path, read_only=True)
+
+
+@devices.command("list")
+@CONFIG
+@DATA_DIR
+def devices_list(config: Path | None, data_dir: Path | None) -> None:
+    """One line per device: state, address, QoS, port mappings."""
+    click.echo(device_table(_store(config, data_dir).all()))
+
+
+@devices.command("show")
+@click.argument("device_id")
+@CONFIG
+@DATA_DIR
+def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> None:
+    """Everything known about one device."""
+    record = _store(config, data_dir).get(device_id)
+    if record is None:
+        raise click.ClickException(f"no device {device_id!r} in the database")
+    click.echo(device_detail(record))
+
+
+@main.command()
+@click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for every device.")
+@VERBOSE
+def demo(timeout: float, verbose: bool) -> None:
+    """Onboard one simulated device of each built-in type; exit 0 when all confirmed."""
+    from .demo import run_demo
+
+    logs.setup(verbose)
+    if not run_demo(timeout):
+        raise SystemExit(1)

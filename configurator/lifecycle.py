@@ -1,0 +1,62 @@
+"""Device lifecycle on the configurator side.
+
+Theory of operation: a device is `registered` when its first valid `register` is accepted.
+Evaluation either yields a configuration (`configuring`: a config version was sent and no
+result for it has arrived) or fails (`unplanned`: e.g. no free address; retried on the next
+register/info). A `config.result` for the current version moves it to `configured` (every item
+applied) or `failed` (anything else). A new config version always goes back to `configuring`.
+Presence (online/offline) is tracked apart: it is not a configuration state.
+
+All transitions are in TRANSITIONS; anything else is a bug and raises.
+"""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class State(StrEnum):
+    NEW = "new"
+    REGISTERED = "registered"
+    CONFIGURING = "configuring"
+    CONFIGURED = "configured"
+    FAILED = "failed"
+    UNPLANNED = "unplanned"
+
+
+class Event(StrEnum):
+    ACCEPT = "accept"
+    CONFIG_SENT = "config_sent"
+    PLAN_FAILED = "plan_failed"
+    RESULT_OK = "result_ok"
+    RESULT_FAILED = "result_failed"
+
+
+class LifecycleError(Exception):
+    """An event that is not allowed in the current state."""
+
+
+_PLANNABLE = (State.REGISTERED, State.CONFIGURING, State.CONFIGURED, State.FAILED, State.UNPLANNED)
+
+TRANSITIONS: dict[tuple[State, Event], State] = {
+    (State.NEW, Event.ACCEPT): State.REGISTERED,
+    **{(s, Event.ACCEPT): s for s in _PLANNABLE},
+    **{(s, Event.CONFIG_SENT): State.CONFIGURING for s in _PLANNABLE},
+    **{(s, Event.PLAN_FAILED): State.UNPLANNED for s in _PLANNABLE},
+    (State.CONFIGURING, Event.RESULT_OK): State.CONFIGURED,
+    (State.CONFIGURED, Event.RESULT_OK): State.CONFIGURED,
+    (State.FAILED, Event.RESULT_OK): State.CONFIGURED,
+    (State.CONFIGURING, Event.RESULT_FAILED): State.FAILED,
+    (State.CONFIGURED, Event.RESULT_FAILED): State.FAILED,
+    (State.FAILED, Event.RESULT_FAILED): State.FAILED,
+    # A result for the last config can still arrive after a re-plan failed: it stays unplanned.
+    (State.UNPLANNED, Event.RESULT_OK): State.UNPLANNED,
+    (State.UNPLANNED, Event.RESULT_FAILED): State.UNPLANNED,
+}
+
+
+def advance(state: State, event: Event) -> State:
+    try:
+        return TRANSITIONS[(state, event)]
+    except KeyError:
+        raise LifecycleError(f"event {event.value} is not allowed in state {state.value}") from None

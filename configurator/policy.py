@@ -1,0 +1,82 @@
+"""Evaluation (IEC 62608-2 step 3): device info + the network's state -> configuration items.
+
+Pure: the caller gathers what is in use; this module decides. The same inputs always give the
+same items, so "did anything change?" is a plain comparison and versions only move on change.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from ipaddress import IPv4Address
+
+from homenet.schemas.messages import (DSCP, ConfigItem, DeviceInfo, IgmpItem, Interface, Ipv4Item,
+                                      PortMappingItem, QosItem)
+
+from .ipam import AddressExhausted, LanPlan, addresses_of, plan_address
+from .ports import PortKey, PortsExhausted, allocate
+from .profiles import Profile, profile_for
+
+
+class PlanError(Exception):
+    """The device cannot be configured (no usable interface, no free address or port)."""
+
+
+@dataclass(frozen=True)
+class NetworkView:
+    """What the rest of the home holds, as seen when planning one device."""
+
+    lan: LanPlan
+    addresses: Mapping[IPv4Address, str] = field(default_factory=dict)
+    ports: Mapping[PortKey, str] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class Plan:
+    profile: Profile
+    items: list[ConfigItem]
+
+
+def primary_interface(info: DeviceInfo, lan: LanPlan) -> Interface:
+    """The interface to configure: up, not loopback, with a MAC; one already on the LAN first."""
+    usable = [i for i in info.interfaces if i.up and i.mac and i.mac != "00:00:00:00:00:00"]
+    if not usable:
+        raise PlanError(f"device {info.device_id} reports no interface that is up and has a MAC")
+    on_lan = [i for i in usable if any(a in lan.subnet for a in addresses_of(i.addresses))]
+    return (on_lan or usable)[0]
+
+
+def _previous(items: list[ConfigItem]) -> tuple[IPv4Address | None, dict[tuple[str, int], int]]:
+    address = next((i.address for i in items if isinstance(i, Ipv4Item)), None)
+    ports = {(i.protocol, i.internal_port): i.external_port
+             for i in items if isinstance(i, PortMappingItem)}
+    return address, ports
+
+
+def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = ()) -> Plan:
+    """Plan the device's configuration; raise PlanError (with the reason) when it cannot be done."""
+    profile = profile_for(info.device_type)
+    lan = view.lan
+    iface = primary_interface(info, lan)
+    prev_address, prev_ports = _previous(list(previous))
+    try:
+        address = plan_address(lan, info.device_id, previous=prev_address,
+                               reported=addresses_of(iface.addresses), in_use=view.addresses)
+        mappings = [
+            PortMappingItem(protocol=need.protocol, internal_port=need.port, description=need.description,
+                            external_port=allocate(info.device_id, need.protocol, need.port,
+                                                   previous=prev_ports.get((need.protocol, need.port)),
+                                                   in_use=view.ports))
+            for need in profile.ports
+        ]
+    except (AddressExhausted, PortsExhausted) as exc:
+        raise PlanError(str(exc)) from exc
+    items: list[ConfigItem] = [
+        Ipv4Item(interface=iface.name, mac=iface.mac, address=address,
+                 prefix_len=lan.subnet.prefixlen, gateway=lan.gateway, dns=list(lan.dns)),
+        QosItem(qos_class=profile.qos, dscp=DSCP[profile.qos]),
+        *mappings,
+    ]
+    if profile.igmp:
+        items.append(IgmpItem(enabled=True))
+    return Plan(profile, items)

@@ -1,0 +1,263 @@
+"""The configurator service: wire contract v1 over paho-mqtt around the pure core.
+
+Every handler validates first (topic, envelope, body, sender binding, seq), then computes the
+new device record with the core, commits it in one durable write, and only then publishes
+(reply, retained config, gateway state, events): an acknowledgement is never ahead of the
+database. A message that fails validation is dropped with a log line and an `events` entry.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import threading
+from collections.abc import Callable
+from typing import Any
+
+import paho.mqtt.client as paho
+from pydantic import ValidationError
+
+from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode
+from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, DeviceStatus,
+                                      Event as EventBody, Ipv4Item, ItemStatus, Model, PortMappingItem,
+                                      RegisterReply, RegisterStatus, ResultStatus, Severity)
+from homenet.sequence import SequenceCounter
+from homenet.settings import ConfiguratorSettings
+
+from .gateway import GatewayDriver
+from .ipam import addresses_of
+from .lifecycle import Event, State, advance
+from .policy import NetworkView, PlanError, evaluate
+from .records import DeviceRecord, now
+from .store import Store
+
+log = logging.getLogger(__name__)
+
+_LEVEL = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR}
+SUBSCRIBED_CHANNELS = ("register", "config/result", "info", "status")
+
+
+class Rejected(Exception):
+    """A message that is dropped; the text is the reason given in the log and the event."""
+
+
+class Configurator:
+    def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver) -> None:
+        self.settings = settings
+        self.store = store
+        self.driver = driver
+        self.topics = Topics(settings.root)
+        self.sender = settings.configurator_id
+        meta = store.meta()
+        self.epoch = int(meta.get("epoch", 0)) + 1
+        store.set_meta(epoch=self.epoch)
+        self._seq = SequenceCounter(int(meta.get("seq_reserved", 0)),
+                                    lambda ceiling: store.set_meta(seq_reserved=ceiling))
+        self.connected = threading.Event()
+        self.broker = BrokerUrl.parse(settings.broker)
+        self.client = make_client(f"homenet-{self.sender}", clean_session=False,
+                                  will=(self.topics.configurator_state, self._state_payload("offline")))
+        self.client.on_connect = self._on_connect
+        self.client.on_disconnect = self._on_disconnect
+        self.client.on_message = self._on_message
+        self._handlers: dict[str, Callable[[str, Envelope, Any, DeviceRecord | None], None]] = {
+            "register": self._on_register, "config.result": self._on_result, "info": self._on_info}
+        for record in store.all():  # a fresh gateway (reboot, new driver) is caught up at once
+            if record.config:
+                driver.apply(record.config)
+
+    # --- lifecycle of the service --------------------------------------------------------
+
+    def start(self) -> None:
+        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        self.client.loop_start()
+
+    def stop(self) -> None:
+        if self.connected.is_set():
+            self.client.publish(self.topics.configurator_state, self._state_payload("offline"),
+                                qos=1, retain=True).wait_for_publish(timeout=5)
+        self.client.disconnect()
+        self.client.loop_stop()
+
+    def _state_payload(self, state: str) -> bytes:
+        body = ConfiguratorState(state=state, configurator_id=self.sender, epoch=self.epoch)
+        return encode("configurator.state", body, sender=self.sender, seq=self._seq.next())[1]
+
+    def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        if reason.is_failure:
+            log.error("broker %s refused the configurator: %s", self.broker, reason)
+            return
+        set_nodelay(client)
+        client.subscribe([(self.topics.device_filter(c), 1) for c in SUBSCRIBED_CHANNELS])
+        client.publish(self.topics.configurator_state, self._state_payload("online"), qos=1, retain=True)
+        # The broker may have lost its retained messages (amqtt keeps none across restarts).
+        for record in self.store.all():
+            if record.config_payload:
+                client.publish(self.topics.device(record.device_id, "config"),
+                               record.config_payload.encode(), qos=1, retain=True)
+        self._publish_gateway_state()
+        log.info("configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
+        self.connected.set()
+
+    def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
+        self.connected.clear()
+        log.warning("disconnected from broker %s (%s); reconnecting", self.broker, reason)
+
+    # --- publishing ----------------------------------------------------------------------
+
+    def _publish(self, topic: str, kind: str, body: Model, *, retain: bool = False) -> str:
+        msg_id, payload = encode(kind, body, sender=self.sender, seq=self._seq.next())
+        self.client.publish(topic, payload, qos=1, retain=retain)
+        return msg_id
+
+    def event(self, name: str, severity: Severity = Severity.INFO, *, device_id: str | None = None,
+              reason: str = "", topic: str | None = None, sender: str | None = None, **detail: Any) -> None:
+        """Log and publish an audit entry on `events`."""
+        log.log(_LEVEL[severity], "%s%s%s%s", name, f" device={device_id}" if device_id else "",
+                f" topic={topic} sender={sender}" if topic else "", f": {reason}" if reason else "")
+        body = EventBody(event=name, severity=severity, device_id=device_id, topic=topic,
+                         sender=sender, reason=reason, detail=detail)
+        self._publish(self.topics.events, "event", body)
+
+    def _publish_gateway_state(self) -> None:
+        self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
+
+    # --- receiving -----------------------------------------------------------------------
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        sender = None
+        try:
+            topic = self.topics.parse_device(msg.topic)
+            sender = topic.device_id
+            if len(msg.payload) > MAX_PAYLOAD:
+                raise Rejected(f"payload of {len(msg.payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
+            if topic.channel == "status":
+                self._on_status(topic.device_id, msg.payload)
+                return
+            envelope, body = decode(msg.payload, expected_kind=topic.kind)
+            sender = envelope.sender
+            if envelope.sender != topic.device_id:
+                raise Rejected(f"sender {envelope.sender!r} published on the topic of device {topic.device_id!r}")
+            if isinstance(body, DeviceInfo) and body.device_id != topic.device_id:
+                raise Rejected(f"body names device {body.device_id!r} on the topic of {topic.device_id!r}")
+            record = self.store.get(topic.device_id)
+            if record is not None and envelope.seq <= record.last_seq:
+                if msg.retain:  # our own earlier input, handed back on (re)subscribe
+                    log.debug("retained %s seq %d already processed", msg.topic, envelope.seq)
+                    return
+                raise Rejected(f"replayed or out of order: seq {envelope.seq} is not above "
+                               f"{record.last_seq}, the last accepted from {topic.device_id}")
+            self._handlers[envelope.kind](msg.topic, envelope, body, record)
+        except (TopicError, ContractError, Rejected) as exc:
+            self.event("message.rejected", Severity.WARNING, device_id=sender, topic=msg.topic,
+                       sender=sender, reason=str(exc))
+        except Exception as exc:  # a bug must not stop the service; say so loudly
+            log.exception("internal error handling %s", msg.topic)
+            self.event("internal.error", Severity.ERROR, topic=msg.topic, sender=sender,
+                       reason=f"{type(exc).__name__}: {exc}")
+
+    def _on_status(self, device_id: str, payload: bytes) -> None:
+        try:
+            status = DeviceStatus.model_validate(json.loads(payload))
+        except (ValueError, ValidationError) as exc:
+            raise Rejected(f"bad status payload: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
+        record = self.store.get(device_id)
+        online = status.state == "online"
+        if record is None or record.online == online:
+            return
+        self.store.put(record.model_copy(update={"online": online, "updated": now()}))
+        self.event(f"device.{status.state}", device_id=device_id)
+
+    def _on_register(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:
+        is_new = record is None
+        record = record or DeviceRecord(device_id=info.device_id, info=info)
+        record = record.model_copy(update={
+            "info": info, "last_seq": envelope.seq, "online": True, "updated": now(),
+            "state": advance(record.state, Event.ACCEPT)})
+        record, planned = self._plan(record)
+        self.store.put(record)
+        if is_new:
+            self.event("device.registered", device_id=record.device_id,
+                       device_type=info.device_type, model=info.model)
+        self._after_commit(record, planned)
+        reply = RegisterReply(re=envelope.id, status=RegisterStatus.ACCEPTED,
+                              config_version=record.version, reason=record.error)
+        self._publish(self.topics.device(record.device_id, "register/reply"), "register.reply", reply)
+
+    def _on_info(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:
+        if record is None:
+            raise Rejected(f"info from {info.device_id}, which has not registered")
+        moved = info.interfaces != record.info.interfaces
+        record, planned = self._plan(record.model_copy(update={
+            "info": info, "last_seq": envelope.seq, "updated": now()}))
+        self.store.put(record)
+        if moved:
+            self.event("device.info", device_id=record.device_id,
+                       addresses=[a for i in info.interfaces for a in i.addresses])
+        self._after_commit(record, planned)
+
+    def _on_result(self, _topic: str, envelope: Envelope, result: ConfigResult, record: DeviceRecord | None) -> None:
+        if record is None or record.config is None:
+            raise Rejected("config.result from a device that was sent no config")
+        if result.version != record.version:
+            raise Rejected(f"stale config.result for version {result.version}; current is {record.version}")
+        ok = result.status == ResultStatus.OK
+        record = record.model_copy(update={
+            "result": result, "last_seq": envelope.seq, "updated": now(),
+            "state": advance(record.state, Event.RESULT_OK if ok else Event.RESULT_FAILED)})
+        self.store.put(record)
+        if ok:
+            self.event("config.applied", device_id=record.device_id, version=result.version)
+        else:
+            failed = {r.item: r.detail for r in result.items
+                      if r.status not in (ItemStatus.APPLIED, ItemStatus.UNCHANGED)}
+            self.event("config.failed", Severity.ERROR, device_id=record.device_id,
+                       reason=f"{result.status.value}: {failed}", version=result.version)
+
+    # --- evaluation ----------------------------------------------------------------------
+
+    def _view(self, exclude: str) -> NetworkView:
+        addresses, ports = {}, {}
+        for other in self.store.all():
+            if other.device_id == exclude:
+                continue
+            for iface in other.info.interfaces:
+                for address in addresses_of(iface.addresses):
+                    addresses[address] = other.device_id
+            for item in other.config.items if other.config else ():
+                if isinstance(item, Ipv4Item):
+                    addresses[item.address] = other.device_id
+                elif isinstance(item, PortMappingItem):
+                    ports[(item.protocol, item.external_port)] = other.device_id
+        return NetworkView(self.driver.lan(), addresses, ports)
+
+    def _plan(self, record: DeviceRecord) -> tuple[DeviceRecord, bool]:
+        """Evaluate the device; return the updated record and whether a new config version was made."""
+        previous = record.config.items if record.config else []
+        try:
+            plan = evaluate(record.info, self._view(record.device_id), previous)
+        except PlanError as exc:
+            self.event("device.unplanned", Severity.ERROR, device_id=record.device_id, reason=str(exc))
+            return record.model_copy(update={"state": advance(record.state, Event.PLAN_FAILED),
+                                             "error": str(exc)}), False
+        if record.config and plan.items == record.config.items and record.state != State.UNPLANNED:
+            return record, False
+        config = Config(device_id=record.device_id, version=record.version + 1, epoch=self.epoch,
+                        profile=plan.profile.name, items=plan.items)
+        _, payload = encode("config", config, sender=self.sender, seq=self._seq.next())
+        return record.model_copy(update={
+            "config": config, "config_payload": payload.decode(), "profile": plan.profile.name,
+            "error": "", "state": advance(record.state, Event.CONFIG_SENT)}), True
+
+    def _after_commit(self, record: DeviceRecord, planned: bool) -> None:
+        if not planned or record.config is None:
+            return
+        self.client.publish(self.topics.device(record.device_id, "config"),
+                            record.config_payload.encode(), qos=1, retain=True)
+        self.event("config.sent", device_id=record.device_id, version=record.version, profile=record.profile)
+        failures = [r for r in self.driver.apply(record.config) if r.status == ItemStatus.FAILED]
+        for failure in failures:
+            self.event("gateway.failed", Severity.ERROR, device_id=record.device_id,
+                       reason=f"{failure.item}: {failure.detail}")
+        self._publish_gateway_state()

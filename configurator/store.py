@@ -1,0 +1,92 @@
+"""The configuration database: tinydb over a storage that survives power cuts.
+
+tinydb's JSONStorage rewrites its file in place, so a power cut mid-write leaves half a
+database. DurableStorage writes a temp file, fsyncs it and renames it over the old one.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any, Protocol
+
+from tinydb import Query, TinyDB
+from tinydb.storages import Storage
+
+from homenet.durable import write_atomic
+
+from .records import DeviceRecord
+
+
+class StoreError(Exception):
+    """The database file cannot be read (e.g. not homenet's, or damaged by hand)."""
+
+
+class DurableStorage(Storage):
+    """Whole-file JSON storage with atomic replacement; the parsed form is never shared."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self.read_only = read_only
+        self._text: bytes | None = None
+
+    def read(self) -> dict[str, Any] | None:
+        if self._text is None:
+            try:
+                self._text = self.path.read_bytes()
+            except FileNotFoundError:
+                return None
+        try:
+            return json.loads(self._text)
+        except json.JSONDecodeError as exc:
+            raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
+
+    def write(self, data: dict[str, Any]) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path} is opened read-only")
+        text = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
+        write_atomic(self.path, text)
+        self._text = text
+
+
+class Store(Protocol):
+    def get(self, device_id: str) -> DeviceRecord | None: ...
+    def put(self, record: DeviceRecord) -> None: ...
+    def delete(self, device_id: str) -> None: ...
+    def all(self) -> list[DeviceRecord]: ...
+    def meta(self) -> dict[str, Any]: ...
+    def set_meta(self, **values: Any) -> None: ...
+
+
+class TinyStore:
+    """Devices and configurator metadata in one tinydb file; each call is one durable write."""
+
+    def __init__(self, path: str | Path, read_only: bool = False) -> None:
+        self.path = Path(path)
+        self._db = TinyDB(self.path, storage=DurableStorage, read_only=read_only)
+        self._devices = self._db.table("devices")
+        self._meta = self._db.table("meta")
+
+    def get(self, device_id: str) -> DeviceRecord | None:
+        doc = self._devices.get(Query().device_id == device_id)
+        return DeviceRecord.model_validate(doc) if doc else None
+
+    def put(self, record: DeviceRecord) -> None:
+        self._devices.upsert(record.to_doc(), Query().device_id == record.device_id)
+
+    def delete(self, device_id: str) -> None:
+        self._devices.remove(Query().device_id == device_id)
+
+    def all(self) -> list[DeviceRecord]:
+        return sorted((DeviceRecord.model_validate(d) for d in self._devices.all()),
+                      key=lambda r: r.device_id)
+
+    def meta(self) -> dict[str, Any]:
+        doc = self._meta.get(doc_id=1)
+        return dict(doc) if doc else {}
+
+    def set_meta(self, **values: Any) -> None:
+        self._meta.upsert({**self.meta(), **values}, Query().noop())
+
+    def close(self) -> None:
+        self._db.close()

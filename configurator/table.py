@@ -1,0 +1,55 @@
+"""Device tables and detail views an operator can read in a terminal."""
+
+from __future__ import annotations
+
+from homenet.schemas.messages import IgmpItem, PortMappingItem, QosItem
+
+from .records import DeviceRecord
+
+COLUMNS = ("DEVICE", "TYPE", "STATE", "ONLINE", "VER", "ADDRESS", "QOS", "PORTS", "IGMP")
+
+
+def _row(r: DeviceRecord) -> tuple[str, ...]:
+    items = r.config.items if r.config else []
+    qos = next((f"{i.qos_class.value}/{i.dscp}" for i in items if isinstance(i, QosItem)), "-")
+    ports = ",".join(f"{i.protocol}/{i.external_port}->{i.internal_port}"
+                     for i in items if isinstance(i, PortMappingItem)) or "-"
+    igmp = "on" if any(isinstance(i, IgmpItem) and i.enabled for i in items) else "-"
+    return (r.device_id, r.info.device_type, r.state.value, "yes" if r.online else "no",
+            str(r.version or "-"), r.address or "-", qos, ports, igmp)
+
+
+def render(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
+    widths = [max(len(x) for x in col) for col in zip(header, *rows)]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip()
+                     for row in (header, *rows))
+
+
+def device_table(records: list[DeviceRecord]) -> str:
+    if not records:
+        return "no devices registered yet"
+    return render([_row(r) for r in records], COLUMNS)
+
+
+def device_detail(r: DeviceRecord) -> str:
+    lines = [
+        f"device      {r.device_id}",
+        f"type        {r.info.device_type} (profile {r.profile or '-'})",
+        f"model       {r.info.model or '-'}",
+        f"hostname    {r.info.hostname or '-'}",
+        f"state       {r.state.value}{' - ' + r.error if r.error else ''}",
+        f"online      {'yes' if r.online else 'no'}",
+        f"first seen  {r.first_seen}",
+        f"updated     {r.updated}",
+        "interfaces",
+        *(f"  {i.name:<10} {i.mac or '-':<17} {'up' if i.up else 'down':<4} {' '.join(i.addresses)}"
+          for i in r.info.interfaces),
+    ]
+    if r.config:
+        lines.append(f"config      version {r.config.version}")
+        lines += [f"  {i.target.value:<8} {i.model_dump_json(exclude={'target'})}" for i in r.config.items]
+    if r.result:
+        lines.append(f"result      version {r.result.version}: {r.result.status.value}")
+        lines += [f"  {x.item:<24} {x.status.value}{' - ' + x.detail if x.detail else ''}"
+                  for x in r.result.items]
+    return "\n".join(lines)

@@ -1,0 +1,3 @@
+"""homenet: IEC 62608 automatic configuration of home network devices."""
+
+__version__ = "0.1.0"

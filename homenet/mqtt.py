@@ -1,0 +1,69 @@
+"""The paho-mqtt adapter shared by agent and configurator: MQTT 3.1.1, TCP_NODELAY, backoff.
+
+paho never sets TCP_NODELAY; without it a QoS 1 round trip took 44-88 ms instead of under
+1 ms here (Nagle plus delayed ACK), so it is set on every connect.
+"""
+
+from __future__ import annotations
+
+import logging
+import socket
+from dataclasses import dataclass
+from urllib.parse import urlsplit
+
+import paho.mqtt.client as paho
+
+log = logging.getLogger(__name__)
+
+
+@dataclass(frozen=True)
+class BrokerUrl:
+    host: str
+    port: int
+    tls: bool = False
+
+    @classmethod
+    def parse(cls, url: str) -> "BrokerUrl":
+        """Accept mqtt://host[:port], mqtts://host[:port], [v6addr]:port or host:port."""
+        if "://" not in url:
+            url = "mqtt://" + url
+        parts = urlsplit(url)
+        if parts.scheme not in ("mqtt", "mqtts", "tcp"):
+            raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
+        if not parts.hostname:
+            raise ValueError(f"broker URL {url!r} has no host")
+        try:
+            port = parts.port
+        except ValueError:
+            raise ValueError(f"broker URL {url!r} has a bad port") from None
+        tls = parts.scheme == "mqtts"
+        return cls(parts.hostname, port or (8883 if tls else 1883), tls)
+
+    def __str__(self) -> str:
+        host = f"[{self.host}]" if ":" in self.host else self.host
+        return f"{'mqtts' if self.tls else 'mqtt'}://{host}:{self.port}"
+
+
+def set_nodelay(client: paho.Client) -> None:
+    sock = client.socket()
+    if sock is not None and hasattr(sock, "setsockopt"):
+        try:
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        except OSError as exc:  # a unix socket or an already closed one
+            log.debug("TCP_NODELAY not set: %s", exc)
+
+
+def make_client(client_id: str, *, clean_session: bool = False,
+                username: str | None = None, password: str | None = None,
+                will: tuple[str, bytes] | None = None) -> paho.Client:
+    """A paho client for MQTT 3.1.1 with reconnect backoff and a retained will, not yet connected."""
+    client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
+                         protocol=paho.MQTTv311, clean_session=clean_session)
+    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.max_inflight_messages_set(100)
+    client.max_queued_messages_set(0)
+    if username:
+        client.username_pw_set(username, password)
+    if will:
+        client.will_set(will[0], will[1], qos=1, retain=True)
+    return client

@@ -1,0 +1,106 @@
+"""Settings of every homenet process: defaults, a TOML file, then command-line flags.
+
+Models refuse unknown keys, so a typo in the file is an error naming the key, not a setting
+silently ignored.
+"""
+
+from __future__ import annotations
+
+import os
+import tomllib
+from pathlib import Path
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from homenet.schemas.topics import DEFAULT_ROOT, check_device_id
+
+
+class SettingsError(Exception):
+    """A settings file or flag that cannot be used; the text says which and why."""
+
+
+def default_data_dir(role: str) -> Path:
+    """$HOMENET_DATA_DIR, else /var/lib/homenet/ROLE for root, else the XDG data dir."""
+    if env := os.environ.get("HOMENET_DATA_DIR"):
+        return Path(env)
+    if os.geteuid() == 0:
+        return Path("/var/lib/homenet") / role
+    base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
+    return Path(base) / "homenet" / role
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class LanSettings(Section):
+    subnet: str = "192.168.1.0/24"
+    gateway: str = "192.168.1.1"
+    pool_start: str = "192.168.1.100"
+    pool_end: str = "192.168.1.199"
+    dns: list[str] = Field(default_factory=list)
+
+
+class BrokerSettings(Section):
+    listeners: list[str] = Field(default_factory=lambda: [":::1883"])
+    """amqtt bind strings; `:::PORT` is dual stack (amqtt refuses `[::]:PORT`)."""
+    max_payload: int = Field(default=256 * 1024, ge=1024)
+
+
+class ConfiguratorSettings(Section):
+    broker: str = "mqtt://127.0.0.1:1883"
+    root: str = DEFAULT_ROOT
+    configurator_id: str = "configurator"
+    data_dir: Path = Field(default_factory=lambda: default_data_dir("gateway"))
+    gateway_driver: Literal["memory"] = "memory"
+    lan: LanSettings = Field(default_factory=LanSettings)
+
+
+class GatewaySettings(Section):
+    broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    configurator: ConfiguratorSettings = Field(default_factory=ConfiguratorSettings)
+
+
+class AgentSettings(Section):
+    broker: str = "mqtt://127.0.0.1:1883"
+    root: str = DEFAULT_ROOT
+    device_id: str | None = None
+    device_type: str = "generic"
+    model: str = ""
+    data_dir: Path = Field(default_factory=lambda: default_data_dir("agent"))
+    executor: Literal["simulated"] = "simulated"
+    collector: Literal["linux", "simulated"] = "linux"
+    info_interval: float = Field(default=10.0, gt=0)
+    """Seconds between checks of the device's addresses (an `info` goes out on change)."""
+
+    @field_validator("device_id")
+    @classmethod
+    def _safe_id(cls, value: str | None) -> str | None:
+        return value if value is None else check_device_id(value)
+
+
+def load(model: type[Section], path: Path | None, overrides: dict[str, Any]) -> Any:
+    """Build settings from a TOML file (optional) and flag overrides (None values ignored)."""
+    data: dict[str, Any] = {}
+    if path is not None:
+        try:
+            data = tomllib.loads(Path(path).read_text())
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings file {path}: {exc.strerror}") from None
+        except tomllib.TOMLDecodeError as exc:
+            raise SettingsError(f"settings file {path} is not valid TOML: {exc}") from None
+    for dotted, value in overrides.items():
+        if value is None:
+            continue
+        *parents, leaf = dotted.split(".")
+        target = data
+        for p in parents:
+            target = target.setdefault(p, {})
+        target[leaf] = value
+    try:
+        return model.model_validate(data)
+    except ValidationError as exc:
+        where = f"settings file {path}" if path else "settings"
+        problems = "; ".join(f"{'.'.join(map(str, e['loc']))}: {e['msg']}" for e in exc.errors())
+        raise SettingsError(f"{where}: {problems}") from None

@@ -1,0 +1,94 @@
+"""The envelope around every JSON payload, and its canonical encoding.
+
+`seq` (per sender, strictly increasing, persisted) and `sig` are part of v1 from the start so
+that the security work can make them mandatory without changing the wire format. Canonical
+encoding (sorted keys, no spaces, UTF-8) is what a signature will cover.
+"""
+
+from __future__ import annotations
+
+import json
+import uuid
+from datetime import datetime, timezone
+from typing import Annotated, Any, Literal
+
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+
+from .messages import BODIES, Model
+
+MAX_PAYLOAD = 64 * 1024
+"""Largest payload a homenet service accepts; the embedded broker's own limit is larger."""
+
+
+class ContractError(ValueError):
+    """A payload that is not a valid v1 message; the text says what was wrong."""
+
+
+class Envelope(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+
+    v: Literal[1] = 1
+    kind: Annotated[str, Field(max_length=32)]
+    id: Annotated[str, Field(min_length=1, max_length=64)]
+    seq: Annotated[int, Field(ge=0)]
+    sender: Annotated[str, Field(alias="from", min_length=1, max_length=64)]
+    time: AwareDatetime
+    body: dict[str, Any]
+    sig: str | None = None
+
+
+def canonical(obj: Any) -> bytes:
+    """Deterministic JSON bytes: the form that is hashed and signed."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+
+
+def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None = None) -> tuple[str, bytes]:
+    """Wrap a body in an envelope; return (message id, payload bytes)."""
+    if BODIES.get(kind) is not type(body):
+        raise ContractError(f"kind {kind!r} does not carry a {type(body).__name__}")
+    msg_id = msg_id or uuid.uuid4().hex
+    envelope = {
+        "v": 1,
+        "kind": kind,
+        "id": msg_id,
+        "seq": seq,
+        "from": sender,
+        "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
+        "body": body.model_dump(mode="json"),
+    }
+    return msg_id, canonical(envelope)
+
+
+def _describe(exc: ValidationError) -> str:
+    parts = []
+    for err in exc.errors()[:5]:
+        where = ".".join(str(p) for p in err["loc"]) or "(top)"
+        parts.append(f"{where}: {err['msg']}")
+    return "; ".join(parts)
+
+
+def decode(payload: bytes, *, expected_kind: str | None = None,
+           max_size: int = MAX_PAYLOAD) -> tuple[Envelope, Model]:
+    """Parse and validate a payload; raise ContractError naming the first things wrong."""
+    if len(payload) > max_size:
+        raise ContractError(f"payload of {len(payload)} bytes is over the {max_size}-byte limit")
+    try:
+        raw = json.loads(payload)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ContractError(f"not JSON: {exc}") from None
+    if not isinstance(raw, dict):
+        raise ContractError(f"not a JSON object but a {type(raw).__name__}")
+    try:
+        envelope = Envelope.model_validate(raw)
+    except ValidationError as exc:
+        raise ContractError(f"bad envelope: {_describe(exc)}") from None
+    model = BODIES.get(envelope.kind)
+    if model is None:
+        raise ContractError(f"unknown kind {envelope.kind!r}")
+    if expected_kind is not None and envelope.kind != expected_kind:
+        raise ContractError(f"kind {envelope.kind!r} on a topic that carries {expected_kind!r}")
+    try:
+        body = model.model_validate(envelope.body)
+    except ValidationError as exc:
+        raise ContractError(f"bad {envelope.kind} body: {_describe(exc)}") from None
+    return envelope, body
