@@ -12,7 +12,8 @@ import re
 from amqtt.plugins.base import BaseAuthPlugin
 from amqtt.session import Session
 
-CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,127}$")
+# amqtt names clients that send an empty id (mosquitto_sub does) "amqtt/<random>".
+CLIENT_ID = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._:/-]{0,127}$")
 
 
 class ClientIdAuthPlugin(BaseAuthPlugin):

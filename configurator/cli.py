@@ -185,3 +185,19 @@ def demo(timeout: float, verbose: bool) -> None:
     logs.setup(verbose)
     if not run_demo(timeout):
         raise SystemExit(1)
+
+
+@main.group()
+def bench() -> None:
+    """Benchmarks: print medians and p99 against a floor measured in the same run."""
+
+
+@bench.command("onboard")
+@click.option("--count", default=200, show_default=True, help="Sequential onboardings per broker.")
+@click.option("--broker", "brokers", multiple=True, type=click.Choice(["amqtt", "mosquitto"]),
+              help="Brokers to measure (default: both).")
+def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
+    """Time from an agent's CONNACK to its confirmed config, against a trivial responder."""
+    from .bench import run_onboard
+
+    run_onboard(count, list(brokers) or ["amqtt", "mosquitto"])

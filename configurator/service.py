@@ -35,7 +35,7 @@ from .store import Store
 log = logging.getLogger(__name__)
 
 _LEVEL = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR}
-SUBSCRIBED_CHANNELS = ("register", "config/result", "info", "status")
+SUBSCRIBED_CHANNELS = ("register", "config/result", "info", "status", "config")
 
 
 class Rejected(Exception):
@@ -55,6 +55,8 @@ class Configurator:
         self._seq = SequenceCounter(int(meta.get("seq_reserved", 0)),
                                     lambda ceiling: store.set_meta(seq_reserved=ceiling))
         self.connected = threading.Event()
+        self._stopping = False
+        self._replanned = False
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
                                   will=(self.topics.configurator_state, self._state_payload("offline")))
@@ -74,6 +76,7 @@ class Configurator:
         self.client.loop_start()
 
     def stop(self) -> None:
+        self._stopping = True
         if self.connected.is_set():
             self.client.publish(self.topics.configurator_state, self._state_payload("offline"),
                                 qos=1, retain=True).wait_for_publish(timeout=5)
@@ -97,12 +100,16 @@ class Configurator:
                 client.publish(self.topics.device(record.device_id, "config"),
                                record.config_payload.encode(), qos=1, retain=True)
         self._publish_gateway_state()
+        if not self._replanned:  # the LAN or the policy may have changed while we were down
+            self._replanned = True
+            self._replan_all()
         log.info("configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self.connected.set()
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.connected.clear()
-        log.warning("disconnected from broker %s (%s); reconnecting", self.broker, reason)
+        if not self._stopping:
+            log.warning("disconnected from broker %s (%s); reconnecting", self.broker, reason)
 
     # --- publishing ----------------------------------------------------------------------
 
@@ -134,6 +141,9 @@ class Configurator:
                 raise Rejected(f"payload of {len(msg.payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
             if topic.channel == "status":
                 self._on_status(topic.device_id, msg.payload)
+                return
+            if topic.channel == "config":
+                self._on_config_seen(topic.device_id, msg.payload)
                 return
             envelope, body = decode(msg.payload, expected_kind=topic.kind)
             sender = envelope.sender
@@ -168,6 +178,22 @@ class Configurator:
             return
         self.store.put(record.model_copy(update={"online": online, "updated": now()}))
         self.event(f"device.{status.state}", device_id=device_id)
+
+    def _on_config_seen(self, device_id: str, payload: bytes) -> None:
+        """Only this configurator writes configs: anything else on a config topic is put right."""
+        record = self.store.get(device_id)
+        ours = record.config_payload.encode() if record and record.config_payload else None
+        if payload == ours or (not payload and ours is None):
+            return
+        if ours is not None:  # restore the retained config the device must see
+            self.client.publish(self.topics.device(device_id, "config"), ours, qos=1, retain=True)
+        if not payload:
+            raise Rejected("retained config cleared by another client; restored")
+        envelope, config = decode(payload, expected_kind="config")
+        if envelope.sender != self.sender:
+            raise Rejected(f"config published by {envelope.sender!r}, not by this configurator")
+        raise Rejected(f"config version {config.version} is not the current one "
+                       f"({record.version if record else 0}): stale or replayed; current config restored")
 
     def _on_register(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:
         is_new = record is None
@@ -216,6 +242,13 @@ class Configurator:
                        reason=f"{result.status.value}: {failed}", version=result.version)
 
     # --- evaluation ----------------------------------------------------------------------
+
+    def _replan_all(self) -> None:
+        for record in self.store.all():
+            record, planned = self._plan(record)
+            if planned:
+                self.store.put(record)
+                self._after_commit(record, planned)
 
     def _view(self, exclude: str) -> NetworkView:
         addresses, ports = {}, {}

@@ -1,0 +1,31 @@
+# Every target creates the virtualenv it needs; `make test` and `make demo` work on a fresh Debian.
+VENV   ?= .venv
+PYTHON ?= python3
+BIN    := $(VENV)/bin
+STAMP  := $(VENV)/.installed-dev
+
+.PHONY: demo run test bench schemas clean
+
+$(STAMP): pyproject.toml
+	@sh scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
+	$(BIN)/pip install --quiet --upgrade pip
+	$(BIN)/pip install --quiet -e '.[dev]'
+	@touch $(STAMP)
+
+demo: $(STAMP) ## onboard one simulated device of each type through a real embedded broker
+	$(BIN)/homenet demo
+
+run: $(STAMP) ## the gateway: embedded broker on :1883 (dual stack) and the configurator
+	$(BIN)/homenet gateway run $(ARGS)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest -ra $(PYTEST_ARGS)
+
+bench: $(STAMP)
+	$(BIN)/homenet bench onboard
+
+schemas: $(STAMP) ## regenerate schemas/json from the models
+	$(BIN)/python -m homenet.schemas.jsonschema
+
+clean:
+	rm -rf $(VENV) build *.egg-info

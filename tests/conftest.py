@@ -1,0 +1,70 @@
+"""Fixtures: real brokers (embedded amqtt, Debian Mosquitto) on free ports, a configurator and agents.
+
+A test that needs a Debian program skips with the reason on a laptop without it, and fails
+under CI (CI=true), where a skip would hide a missing install step.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from homenet.brokers import BrokerHandle, Embedded, Mosquitto
+
+from .harness import Gateway
+
+IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
+
+
+def require_program(name: str, path: str | None = None) -> str:
+    """The program's path; skip (laptop) or fail (CI) when it is missing."""
+    found = path if path and Path(path).exists() else shutil.which(name)
+    if found:
+        return found
+    message = f"{name} is not installed (Debian package {'mosquitto-clients' if name.startswith('mosquitto_') else name})"
+    if IN_CI:
+        pytest.fail(message + ": CI must install it (.ci/run)")
+    pytest.skip(message)
+
+
+@pytest.fixture(params=["amqtt", "mosquitto"])
+def broker(request: pytest.FixtureRequest) -> Iterator[BrokerHandle]:
+    """Each test that takes `broker` runs against the embedded broker and against Mosquitto."""
+    if request.param == "mosquitto":
+        require_program("mosquitto", Mosquitto.binary())
+        handle: BrokerHandle = Mosquitto()
+    else:
+        handle = Embedded()
+    handle.start()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def embedded() -> Iterator[Embedded]:
+    handle = Embedded()
+    handle.start()
+    yield handle
+    handle.stop()
+
+
+@pytest.fixture
+def mosquitto_sub() -> str:
+    return require_program("mosquitto_sub")
+
+
+@pytest.fixture
+def mosquitto_pub() -> str:
+    return require_program("mosquitto_pub")
+
+
+@pytest.fixture
+def gateway(broker: BrokerHandle, tmp_path: Path) -> Iterator[Gateway]:
+    gw = Gateway(broker, tmp_path)
+    gw.start()
+    yield gw
+    gw.close()

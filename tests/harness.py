@@ -1,0 +1,133 @@
+"""A configurator, agents and an `events` watcher on a real broker, driven from a test."""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from homenet.agent.app import build as build_agent
+from homenet.agent.service import Agent
+from homenet.brokers import BrokerHandle
+from homenet.configurator.app import build as build_configurator
+from homenet.configurator.lifecycle import State
+from homenet.configurator.records import DeviceRecord
+from homenet.configurator.service import Configurator
+from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.schemas import Topics
+from homenet.settings import AgentSettings, ConfiguratorSettings, LanSettings
+
+
+def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        value = predicate()
+        if value:
+            return value
+        time.sleep(0.05)
+    raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+class Watcher:
+    """Collects every message under the topic root, as `mosquitto_sub -v -t 'homenet/#'` would."""
+
+    def __init__(self, url: str, topics: Topics) -> None:
+        self.messages: list[tuple[str, bytes, bool]] = []
+        self._lock = threading.Lock()
+        broker = BrokerUrl.parse(url)
+        self.client = make_client(f"test-watcher-{id(self)}", clean_session=True)
+        ready = threading.Event()
+
+        def on_connect(client: Any, *_: Any) -> None:
+            set_nodelay(client)
+            client.subscribe(topics.all, qos=1)
+
+        def on_subscribe(*_: Any) -> None:
+            ready.set()
+
+        def on_message(_c: Any, _u: Any, msg: Any) -> None:
+            with self._lock:
+                self.messages.append((msg.topic, bytes(msg.payload), bool(msg.retain)))
+
+        self.client.on_connect, self.client.on_subscribe, self.client.on_message = on_connect, on_subscribe, on_message
+        self.client.connect(broker.host, broker.port)
+        self.client.loop_start()
+        ready.wait(10)
+        self.events_topic = topics.events
+
+    def events(self) -> list[dict[str, Any]]:
+        with self._lock:
+            return [json.loads(p)["body"] for t, p, _ in self.messages if t == self.events_topic]
+
+    def wait_event(self, name: str, timeout: float = 10.0, **match: Any) -> dict[str, Any]:
+        def find() -> dict[str, Any] | None:
+            return next((e for e in self.events() if e["event"] == name
+                         and all(m in str(e.get(k, "")) for k, m in match.items())), None)
+        return wait_until(find, timeout, f"event {name} {match}")
+
+    def close(self) -> None:
+        self.client.disconnect()
+        self.client.loop_stop()
+
+
+class Gateway:
+    """The configurator under test, plus the agents a test starts, all cleaned up at the end."""
+
+    def __init__(self, broker: BrokerHandle, tmp: Path, lan: LanSettings | None = None) -> None:
+        self.broker = broker
+        self.tmp = tmp
+        self.lan = lan or LanSettings()
+        self.topics = Topics()
+        self.configurator: Configurator | None = None
+        self.agents: list[Agent] = []
+        self.watcher = Watcher(broker.url, self.topics)
+
+    @property
+    def data_dir(self) -> Path:
+        return self.tmp / "gateway"
+
+    def start(self) -> Configurator:
+        self.configurator = build_configurator(ConfiguratorSettings(
+            broker=self.broker.url, data_dir=self.data_dir, lan=self.lan))
+        self.configurator.start()
+        wait_until(self.configurator.connected.is_set, what="configurator connected")
+        return self.configurator
+
+    def stop(self) -> None:
+        if self.configurator:
+            self.configurator.stop()
+            self.configurator.store.close()
+            self.configurator = None
+
+    def agent(self, device_type: str, device_id: str | None = None, start: bool = True) -> Agent:
+        device_id = device_id or f"test-{device_type}"
+        agent = build_agent(AgentSettings(broker=self.broker.url, device_id=device_id, device_type=device_type,
+                                          model=f"Test {device_type}", collector="simulated",
+                                          data_dir=self.tmp / "agents" / device_id))
+        self.agents.append(agent)
+        if start:
+            agent.start()
+        return agent
+
+    def stop_agent(self, agent: Agent) -> None:
+        agent.stop()
+        self.agents.remove(agent)
+
+    def record(self, device_id: str) -> DeviceRecord | None:
+        assert self.configurator is not None
+        return self.configurator.store.get(device_id)
+
+    def wait_configured(self, device_id: str, version: int = 1, timeout: float = 15.0) -> DeviceRecord:
+        def done() -> DeviceRecord | None:
+            r = self.record(device_id)
+            return r if r and r.state == State.CONFIGURED and r.version == version else None
+        return wait_until(done, timeout, f"{device_id} configured at version {version}")
+
+    def close(self) -> None:
+        for agent in list(self.agents):
+            agent.stop()
+        self.stop()
+        self.watcher.close()
