@@ -120,8 +120,8 @@ class Agent:
                           (self._topic("config"), 1), (self._topic("rpc"), 1)])
         client.publish(self._topic("status"), b'{"state":"online"}', qos=1, retain=True)
         if self.state.state.last_result:  # the broker may have lost retained messages
-            client.publish(self._topic("config/result"), self.state.state.last_result.encode(),
-                           qos=1, retain=True)
+            self._publish("config/result", "config.result",
+                          ConfigResult.model_validate(self.state.state.last_result), retain=True)
         log.info("agent %s connected to %s", self.device_id, self.broker)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
@@ -167,6 +167,7 @@ class Agent:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
             self.registered.set()
+            self._send_info_if_changed()  # e.g. a config applied before this reply arrived
         else:
             log.warning("registration %s: %s", reply.status.value, reply.reason)
 
@@ -184,10 +185,9 @@ class Agent:
         result = ConfigResult(re=envelope.id, version=config.version,
                               status=overall([r.status for r in results]), items=results,
                               in_force=self.executor.in_force())
-        msg_id, payload = encode("config.result", result, sender=self.device_id, seq=self._seq.next())
         self.state.update(applied_version=config.version, applied_config_id=envelope.id,
-                          last_result=payload.decode())
-        self.client.publish(self._topic("config/result"), payload, qos=1, retain=True)
+                          last_result=result.model_dump(mode="json"))
+        self._publish("config/result", "config.result", result, retain=True)
         log.info("config version %d: %s (%s)", config.version, result.status.value,
                  ", ".join(f"{r.item} {r.status.value}" for r in results) or "no agent items")
         self.confirmed.set()

@@ -17,8 +17,9 @@ class AgentState(BaseModel):
     seq_reserved: int = 0
     applied_version: int = 0
     applied_config_id: str = ""
-    last_result: str | None = None
-    """The `config.result` payload of the applied version, re-sent if the broker lost it."""
+    last_result: dict | None = None
+    """The `config.result` body of the applied version, re-sent (in a fresh envelope: a new
+    seq, so it is not a replay) on every connect, since the broker may have lost it."""
 
 
 class StateFile:

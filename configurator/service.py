@@ -206,10 +206,10 @@ class Configurator:
         if is_new:
             self.event("device.registered", device_id=record.device_id,
                        device_type=info.device_type, model=info.model)
-        self._after_commit(record, planned)
         reply = RegisterReply(re=envelope.id, status=RegisterStatus.ACCEPTED,
                               config_version=record.version, reason=record.error)
         self._publish(self.topics.device(record.device_id, "register/reply"), "register.reply", reply)
+        self._after_commit(record, planned)
 
     def _on_info(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:
         if record is None:
@@ -228,6 +228,9 @@ class Configurator:
             raise Rejected("config.result from a device that was sent no config")
         if result.version != record.version:
             raise Rejected(f"stale config.result for version {result.version}; current is {record.version}")
+        if result == record.result:  # the agent re-sent it after a reconnect
+            self.store.put(record.model_copy(update={"last_seq": envelope.seq}))
+            return
         ok = result.status == ResultStatus.OK
         record = record.model_copy(update={
             "result": result, "last_seq": envelope.seq, "updated": now(),

@@ -37,9 +37,13 @@ class DurableStorage(Storage):
             except FileNotFoundError:
                 return None
         try:
-            return json.loads(self._text)
-        except json.JSONDecodeError as exc:
+            data = json.loads(self._text)
+        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
             raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
+        if not isinstance(data, dict):
+            raise StoreError(f"{self.path} is not a homenet database: "
+                             f"it holds a JSON {type(data).__name__}, not an object")
+        return data
 
     def write(self, data: dict[str, Any]) -> None:
         if self.read_only:

@@ -23,8 +23,9 @@ class SequenceCounter:
     def next(self) -> int:
         with self._lock:
             if self._next > self._ceiling:
-                self._ceiling = self._next + self._block - 1
-                self._persist(self._ceiling)
+                ceiling = self._next + self._block - 1
+                self._persist(ceiling)  # durable first: if it fails, no number above the old one
+                self._ceiling = ceiling
             value = self._next
             self._next += 1
             return value

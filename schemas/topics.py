@@ -32,7 +32,8 @@ class TopicError(ValueError):
 
 def check_device_id(device_id: str) -> str:
     """Return the id if it is a safe single topic level, else raise TopicError."""
-    if not isinstance(device_id, str) or not _DEVICE_ID.match(device_id):
+    # fullmatch, not match: `$` would also match before a trailing newline ("dev\n").
+    if not isinstance(device_id, str) or not _DEVICE_ID.fullmatch(device_id):
         raise TopicError(
             f"device id {device_id!r} is not a safe topic level "
             "(1-63 of A-Z a-z 0-9 . _ -, starting with a letter or digit)"
