@@ -9,9 +9,11 @@ from __future__ import annotations
 import os
 import tomllib
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from homenet.mqtt import BrokerUrl
 
 from homenet.schemas.topics import DEFAULT_ROOT, check_device_id
 
@@ -28,6 +30,14 @@ def default_data_dir(role: str) -> Path:
         return Path("/var/lib/homenet") / role
     base = os.environ.get("XDG_DATA_HOME") or Path.home() / ".local" / "share"
     return Path(base) / "homenet" / role
+
+
+def _broker_url(url: str) -> str:
+    BrokerUrl.parse(url)  # ValueError names what is wrong
+    return url
+
+
+BrokerUrlText = Annotated[str, AfterValidator(_broker_url)]
 
 
 class Section(BaseModel):
@@ -49,7 +59,7 @@ class BrokerSettings(Section):
 
 
 class ConfiguratorSettings(Section):
-    broker: str = "mqtt://127.0.0.1:1883"
+    broker: BrokerUrlText = "mqtt://127.0.0.1:1883"
     root: str = DEFAULT_ROOT
     configurator_id: str = "configurator"
     data_dir: Path = Field(default_factory=lambda: default_data_dir("gateway"))
@@ -63,7 +73,7 @@ class GatewaySettings(Section):
 
 
 class AgentSettings(Section):
-    broker: str = "mqtt://127.0.0.1:1883"
+    broker: BrokerUrlText = "mqtt://127.0.0.1:1883"
     root: str = DEFAULT_ROOT
     device_id: str | None = None
     device_type: str = "generic"
