@@ -3,12 +3,16 @@
 from __future__ import annotations
 
 import re
+from dataclasses import dataclass
 
+from homenet.mqtt import BrokerUrl
 from homenet.settings import AgentSettings
 
+from homenet.schemas.messages import DeviceInfo
+
 from .collector import Collector, LinuxCollector
-from .executor import SimulatedCollector, SimulatedExecutor
-from .service import Agent
+from .executor import Executor, SimulatedCollector, SimulatedExecutor
+from .service import Agent, describe
 from .state import StateFile
 
 
@@ -20,7 +24,22 @@ def derive_device_id(collector: Collector) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", collector.hostname())[:63].strip("-._") or "device"
 
 
-def build(settings: AgentSettings) -> Agent:
+@dataclass(frozen=True)
+class Device:
+    """This device as the agent knows it, before any broker is involved."""
+
+    settings: AgentSettings
+    device_id: str
+    state: StateFile
+    collector: Collector
+    executor: Executor
+
+    def info(self) -> DeviceInfo:
+        return describe(self.settings, self.device_id, self.collector, self.executor,
+                        self.state.state.applied_version)
+
+
+def open_device(settings: AgentSettings) -> Device:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = StateFile(settings.data_dir)
     executor = SimulatedExecutor(settings.data_dir)
@@ -29,4 +48,14 @@ def build(settings: AgentSettings) -> Agent:
         state.update(device_id=device_id)
     collector: Collector = (SimulatedCollector(device_id, executor) if settings.collector == "simulated"
                             else LinuxCollector())
-    return Agent(settings, device_id, state, collector, executor)
+    return Device(settings, device_id, state, collector, executor)
+
+
+def build(settings: AgentSettings, broker: BrokerUrl | None = None) -> Agent:
+    """An agent for `broker` (found by discovery), else for the broker named in the settings."""
+    device = open_device(settings)
+    if broker is None:
+        if settings.broker is None:
+            raise ValueError("no broker: give --broker or let the agent discover one")
+        broker = BrokerUrl.parse(settings.broker)
+    return Agent(settings, device.device_id, device.state, device.collector, device.executor, broker)

@@ -11,7 +11,7 @@ import click
 from homenet import logs
 from homenet.settings import AgentSettings, SettingsError, load
 
-from .app import build
+from .app import build, open_device
 
 
 @click.group()
@@ -58,4 +58,4 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 def info(config: Path | None, **flags: object) -> None:
     """Print the device info this agent would register, as JSON."""
-    click.echo(build(_settings(config, **flags)).device_info().model_dump_json(indent=2))
+    click.echo(open_device(_settings(config, **flags)).info().model_dump_json(indent=2))

@@ -44,16 +44,26 @@ def overall(statuses: list[ItemStatus]) -> ResultStatus:
     return ResultStatus.FAILED if fine == 0 else ResultStatus.PARTIAL
 
 
+def describe(settings: AgentSettings, device_id: str, collector: Collector, executor: Executor,
+             applied_version: int) -> DeviceInfo:
+    """The device info the agent registers and re-sends when it changes."""
+    return DeviceInfo(
+        device_id=device_id, device_type=settings.device_type, model=settings.model,
+        hostname=collector.hostname(), agent_version=__version__,
+        capabilities=[f"executor:{executor.name}"],
+        interfaces=collector.interfaces(), applied_version=applied_version)
+
+
 class Agent:
     def __init__(self, settings: AgentSettings, device_id: str, state: StateFile,
-                 collector: Collector, executor: Executor) -> None:
+                 collector: Collector, executor: Executor, broker: BrokerUrl) -> None:
         self.settings = settings
         self.device_id = device_id
         self.state = state
         self.collector = collector
         self.executor = executor
         self.topics = Topics(settings.root)
-        self.broker = BrokerUrl.parse(settings.broker)
+        self.broker = broker
         self._seq = SequenceCounter(state.state.seq_reserved, lambda c: state.update(seq_reserved=c))
         self._lock = threading.Lock()
         self._registered_epoch: int | None = None
@@ -100,11 +110,8 @@ class Agent:
         return msg_id, payload
 
     def device_info(self) -> DeviceInfo:
-        return DeviceInfo(
-            device_id=self.device_id, device_type=self.settings.device_type, model=self.settings.model,
-            hostname=self.collector.hostname(), agent_version=__version__,
-            capabilities=[f"executor:{self.executor.name}"],
-            interfaces=self.collector.interfaces(), applied_version=self.state.state.applied_version)
+        return describe(self.settings, self.device_id, self.collector, self.executor,
+                        self.state.state.applied_version)
 
     # --- connection ------------------------------------------------------------------------
 

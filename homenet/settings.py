@@ -73,7 +73,8 @@ class GatewaySettings(Section):
 
 
 class AgentSettings(Section):
-    broker: BrokerUrlText = "mqtt://127.0.0.1:1883"
+    broker: BrokerUrlText | None = None
+    """None: find the broker from the gateway's Layer-2 beacon."""
     root: str = DEFAULT_ROOT
     device_id: str | None = None
     device_type: str = "generic"
