@@ -17,6 +17,9 @@ class AgentState(BaseModel):
     seq_reserved: int = 0
     applied_version: int = 0
     applied_config_id: str = ""
+    beacon_epoch: int = 0
+    beacon_counter: int = 0
+    """The newest beacon accepted: an older (epoch, counter) is a replay and is ignored."""
     last_result: dict | None = None
     """The `config.result` body of the applied version, re-sent (in a fresh envelope: a new
     seq, so it is not a replay) on every connect, since the broker may have lost it."""

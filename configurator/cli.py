@@ -57,16 +57,23 @@ def gateway() -> None:
 @CONFIG
 @DATA_DIR
 @click.option("--listen", multiple=True, help="Broker listener bind, e.g. ':::1883' (repeatable).")
+@click.option("--beacon-interface", "beacon", multiple=True,
+              help="LAN interface to send the Layer-2 beacon on, e.g. br0 (repeatable).")
 @VERBOSE
-def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...], verbose: bool) -> None:
-    """Run the embedded broker and the configurator until SIGINT/SIGTERM."""
+def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...],
+                beacon: tuple[str, ...], verbose: bool) -> None:
+    """Run the embedded broker and the configurator (and the beacon) until SIGINT/SIGTERM."""
+    from homenet.broker.beacon import BeaconSender
     from homenet.broker.server import EmbeddedBroker
+    from homenet.keys import KeyPair
+    from homenet.l2 import NoRawSocket
 
     from .app import build
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
-        "configurator.data_dir": data_dir, "broker.listeners": list(listen) or None})
+        "configurator.data_dir": data_dir, "broker.listeners": list(listen) or None,
+        "beacon.interfaces": list(beacon) or None})
     conf_settings = settings.configurator.model_copy(
         update={"broker": local_url(settings.broker.listeners[0])})
 
@@ -74,10 +81,21 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         broker = EmbeddedBroker(settings.broker, _topics(conf_settings))
         await broker.start()
         configurator = build(conf_settings)
-        configurator.start()
+        sender = None
         try:
+            if settings.beacon.interfaces:
+                key = KeyPair.load_or_create(conf_settings.data_dir / "configurator.key")
+                sender = BeaconSender(settings.beacon.interfaces, key, configurator.epoch,
+                                      int(settings.broker.listeners[0].rsplit(":", 1)[1]),
+                                      conf_settings.root, settings.beacon.ethertype)
+                sender.start()
+            configurator.start()
             await _until_signal()
+        except (NoRawSocket, OSError) as exc:
+            raise click.ClickException(f"beacon: {exc}") from None
         finally:
+            if sender:
+                sender.stop()
             await asyncio.to_thread(configurator.stop)
             await broker.stop()
 

@@ -1,0 +1,189 @@
+"""Day-0 discovery: find the broker from the gateway's Layer-2 beacon, before IPv4 exists.
+
+Theory of operation: one AF_PACKET socket per usable interface (up, not loopback, with a MAC).
+A solicit goes out on each at start and every `resolicit` seconds until a beacon is accepted.
+A beacon is accepted when its signature verifies with the key it carries, that key is the
+pinned one (a provisioned key file, or else the key of the first valid beacon, pinned on first
+use), and its (epoch, counter) is above the newest accepted so far (persisted: a replayed
+beacon is ignored). The endpoint: the beacon's IPv4 when this device has an address in that
+subnet, else the gateway's link-local IPv6 scoped to the interface the beacon came in on, once
+the local fe80 address has left its tentative (DAD) state. After discovery the listener keeps
+watching, so a rogue or malformed frame is reported in the log as it happens.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import logging
+import select
+import socket
+import threading
+import time
+from dataclasses import dataclass
+from ipaddress import IPv4Interface
+from pathlib import Path
+
+import psutil
+
+from homenet.durable import write_atomic
+from homenet.keys import b64, fingerprint, verify
+from homenet.l2 import link_local, mac_of, open_socket, receive
+from homenet.mqtt import BrokerUrl
+from homenet.schemas.beacon import (TYPE_SOLICIT, Beacon, BeaconError, decode_beacon, encode_solicit,
+                                    ethernet_frame, frame_type, parse_ethernet)
+
+from .state import StateFile
+
+log = logging.getLogger(__name__)
+
+
+class DiscoveryTimeout(TimeoutError):
+    """No acceptable beacon arrived in time."""
+
+
+@dataclass(frozen=True)
+class Discovery:
+    broker: BrokerUrl
+    verify: list[tuple[str, int]]
+    """IPv4 endpoints of the broker, to check reachability after an address change."""
+    iface: str
+    beacon: Beacon
+
+
+def candidate_interfaces() -> list[str]:
+    stats = psutil.net_if_stats()
+    return sorted(name for name, st in stats.items()
+                  if st.isup and name != "lo" and Path(f"/sys/class/net/{name}/address").exists()
+                  and Path(f"/sys/class/net/{name}/address").read_text().strip() not in ("", "00:00:00:00:00:00"))
+
+
+def own_ipv4(iface: str) -> list[IPv4Interface]:
+    return [IPv4Interface(f"{a.address}/{a.netmask}") for a in psutil.net_if_addrs().get(iface, [])
+            if a.family == socket.AF_INET and a.netmask]
+
+
+class PinnedKey:
+    """The configurator key this device trusts, kept in a file."""
+
+    def __init__(self, path: Path, provisioned: Path | None) -> None:
+        self.path = provisioned or path
+        self.provisioned = provisioned is not None
+        self.key: bytes | None = None
+        if self.path.exists():
+            try:
+                self.key = base64.b64decode(self.path.read_text().strip(), validate=True)
+            except binascii.Error:
+                raise ValueError(f"{self.path} does not hold a base64 configurator key") from None
+        elif self.provisioned:
+            raise FileNotFoundError(f"provisioned configurator key {self.path} does not exist")
+
+    def pin(self, key: bytes) -> None:
+        write_atomic(self.path, (b64(key) + "\n").encode(), mode=0o644)
+        self.key = key
+
+
+class BeaconListener:
+    def __init__(self, state: StateFile, pinned: PinnedKey, ethertype: int,
+                 interfaces: list[str] | None = None, resolicit: float = 2.0,
+                 dad_wait: float = 10.0) -> None:
+        self.state = state
+        self.pinned = pinned
+        self.ethertype = ethertype
+        self.resolicit = resolicit
+        self.dad_wait = dad_wait
+        self._socks = {i: open_socket(i, ethertype) for i in (interfaces or candidate_interfaces())}
+        if not self._socks:
+            raise OSError("no usable network interface (up, not loopback, with a MAC) to listen on")
+        self._stop = threading.Event()
+
+    def solicit(self) -> None:
+        for iface, sock in self._socks.items():
+            try:
+                sock.send(ethernet_frame(mac_of(iface), encode_solicit(), self.ethertype))
+            except OSError as exc:
+                log.debug("solicit on %s not sent: %s", iface, exc)
+
+    def discover(self, timeout: float | None = None) -> Discovery:
+        log.info("looking for the gateway's beacon on %s", ", ".join(self._socks))
+        deadline = None if timeout is None else time.monotonic() + timeout
+        next_solicit = 0.0
+        while deadline is None or time.monotonic() < deadline:
+            if time.monotonic() >= next_solicit:
+                self.solicit()
+                next_solicit = time.monotonic() + self.resolicit
+            for iface, beacon in self._poll(0.5):
+                return Discovery(self._endpoint(iface, beacon), self._verify(beacon), iface, beacon)
+        raise DiscoveryTimeout(f"no beacon from a trusted configurator within {timeout} s")
+
+    def watch(self) -> None:
+        """Keep reading frames in the background (logging what is ignored) until close()."""
+        def run() -> None:
+            while not self._stop.is_set():
+                for _ in self._poll(0.5):
+                    pass
+        threading.Thread(target=run, name="beacon-watch", daemon=True).start()
+
+    def close(self) -> None:
+        self._stop.set()
+        for sock in self._socks.values():
+            sock.close()
+
+    def _poll(self, wait: float) -> list[tuple[str, Beacon]]:
+        try:
+            ready, _, _ = select.select(list(self._socks.values()), [], [], wait)
+        except (OSError, ValueError):  # closed under us
+            return []
+        accepted = []
+        for iface, sock in self._socks.items():
+            if sock in ready:
+                while (frame := receive(sock)) is not None:
+                    if (beacon := self._accept(iface, frame)) is not None:
+                        accepted.append((iface, beacon))
+        return accepted
+
+    def _accept(self, iface: str, frame: bytes) -> Beacon | None:
+        src = frame[6:12].hex(":")
+        try:
+            _, _, _, payload = parse_ethernet(frame)
+            if frame_type(payload) == TYPE_SOLICIT:
+                return None  # another agent looking, like us
+            beacon = decode_beacon(payload, verify)
+        except BeaconError as exc:
+            log.warning("ignored frame from %s on %s: %s", src, iface, exc)
+            return None
+        if self.pinned.key is not None and beacon.key != self.pinned.key:
+            log.warning("ignored beacon from %s on %s: signed by key %s, but configurator key %s is pinned",
+                        src, iface, fingerprint(beacon.key), fingerprint(self.pinned.key))
+            return None
+        last = (self.state.state.beacon_epoch, self.state.state.beacon_counter)
+        if (beacon.epoch, beacon.counter) <= last:
+            log.warning("ignored beacon from %s on %s: (epoch %d, counter %d) is not newer than %s",
+                        src, iface, beacon.epoch, beacon.counter, last)
+            return None
+        if self.pinned.key is None:
+            self.pinned.pin(beacon.key)
+            log.info("pinned configurator key %s (first use) from %s on %s", fingerprint(beacon.key), src, iface)
+        self.state.update(beacon_epoch=beacon.epoch, beacon_counter=beacon.counter)
+        return beacon
+
+    @staticmethod
+    def _verify(beacon: Beacon) -> list[tuple[str, int]]:
+        return [(str(beacon.ipv4[0].ip), beacon.ipv4[1])] if beacon.ipv4 else []
+
+    def _endpoint(self, iface: str, beacon: Beacon) -> BrokerUrl:
+        if beacon.ipv4:
+            gateway, port = beacon.ipv4
+            if any(mine.ip in gateway.network for mine in own_ipv4(iface)):
+                return BrokerUrl(str(gateway.ip), port)
+        if beacon.ipv6_ll:
+            address, port = beacon.ipv6_ll
+            deadline = time.monotonic() + self.dad_wait
+            while (mine := link_local(iface)) is None or not mine[1]:
+                if time.monotonic() > deadline:
+                    raise DiscoveryTimeout(f"{iface} has no usable link-local address after {self.dad_wait} s")
+                time.sleep(0.1)  # tentative during DAD, about a second after link-up
+            return BrokerUrl(f"{address}%{iface}", port)
+        if beacon.ipv4:
+            return BrokerUrl(str(beacon.ipv4[0].ip), beacon.ipv4[1])
+        raise BeaconError("beacon names no broker endpoint")
