@@ -15,7 +15,7 @@ $(STAMP): pyproject.toml
 demo: $(STAMP) ## onboard one simulated device of each type through a real embedded broker
 	$(BIN)/homenet demo
 
-run: $(STAMP) ## the gateway: embedded broker on :1883 (dual stack) and the configurator
+run: $(STAMP) ## the gateway: embedded broker on 0.0.0.0:1883 and :::1883 and the configurator
 	$(BIN)/homenet gateway run $(ARGS)
 
 test: $(STAMP)

@@ -51,9 +51,9 @@ def open_device(settings: AgentSettings) -> Device:
     return Device(settings, device_id, state, collector, executor)
 
 
-def build(settings: AgentSettings, broker: BrokerUrl | None = None) -> Agent:
+def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None) -> Agent:
     """An agent for `broker` (found by discovery), else for the broker named in the settings."""
-    device = open_device(settings)
+    device = device or open_device(settings)
     if broker is None:
         if settings.broker is None:
             raise ValueError("no broker: give --broker or let the agent discover one")

@@ -11,7 +11,10 @@ import click
 from homenet import logs
 from homenet.settings import AgentSettings, SettingsError, load
 
-from .app import build, open_device
+from homenet.l2 import NoRawSocket
+
+from .app import Device, build, open_device
+from .bootstrap import BeaconListener, Discovery, PinnedKey
 
 
 @click.group()
@@ -42,13 +45,33 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     """Run the agent until SIGINT/SIGTERM."""
     logs.setup(verbose)
     settings = _settings(config, **flags)
-    agent = build(settings)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    device = open_device(settings)
+    listener, found = _discover(device) if settings.broker is None else (None, None)
+    agent = build(settings, broker=found.broker if found else None, device=device)
     agent.start()
     done.wait()
     agent.stop()
+    if listener:
+        listener.close()
+
+
+def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
+    """Find the broker from the beacon; keep listening afterwards so rogue frames get logged."""
+    settings = device.settings
+    try:
+        pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
+        listener = BeaconListener(device.state, pinned, settings.beacon_ethertype)
+    except NoRawSocket as exc:
+        raise click.ClickException(str(exc)) from None
+    except (OSError, ValueError) as exc:
+        raise click.ClickException(f"discovery: {exc}") from None
+    found = listener.discover()
+    click.echo(f"found the gateway's broker at {found.broker} (beacon on {found.iface})", err=True)
+    listener.watch()
+    return listener, found
 
 
 @main.command()

@@ -31,7 +31,8 @@ def _load(model: Any, config: Path | None, **flags: object) -> Any:
 
 def local_url(bind: str) -> str:
     """The URL a co-located process uses to reach a listener bound to `bind` (host:port)."""
-    return f"mqtt://127.0.0.1:{bind.rsplit(':', 1)[1]}"
+    host, port = bind.rsplit(":", 1)
+    return f"mqtt://[::1]:{port}" if ":" in host else f"mqtt://127.0.0.1:{port}"
 
 
 async def _until_signal() -> None:

@@ -66,4 +66,6 @@ def make_client(client_id: str, *, clean_session: bool = False,
         client.username_pw_set(username, password)
     if will:
         client.will_set(will[0], will[1], qos=1, retain=True)
+    client.on_connect_fail = lambda _c, _u: log.warning(
+        "%s cannot reach the broker; retrying with backoff", client_id)
     return client

@@ -63,9 +63,11 @@ def test_gateway_and_agent_programs_onboard_a_device(tmp_path: Path, processes: 
                                                       mosquitto_sub: str) -> None:
     port = free_port()
     gw_dir = tmp_path / "gw"
-    gateway = processes.start(HOMENET, "gateway", "run", "--listen", f"127.0.0.1:{port}", "--data-dir", str(gw_dir))
+    gateway = processes.start(HOMENET, "gateway", "run", "--listen", f"0.0.0.0:{port}", "--listen", f":::{port}",
+                              "--data-dir", str(gw_dir))
     wait_listening(port)
-    agent = processes.start(AGENT, "run", "--broker", f"mqtt://127.0.0.1:{port}", "--device-id", "stb-1",
+    # the configurator inside uses IPv4 loopback; this agent comes in over IPv6
+    agent = processes.start(AGENT, "run", "--broker", f"mqtt://[::1]:{port}", "--device-id", "stb-1",
                             "--device-type", "iptv-stb", "--model", "STB 9000", "--collector", "simulated",
                             "--data-dir", str(tmp_path / "agent"))
     wait_until(lambda: "configured" in devices_list(gw_dir), timeout=20, what="stb-1 configured")
