@@ -53,8 +53,9 @@ class LanSettings(Section):
 
 
 class BrokerSettings(Section):
-    listeners: list[str] = Field(default_factory=lambda: [":::1883"])
-    """amqtt bind strings; `:::PORT` is dual stack (amqtt refuses `[::]:PORT`)."""
+    listeners: list[str] = Field(default_factory=lambda: ["0.0.0.0:1883", ":::1883"])
+    """amqtt bind strings. `:::PORT` is IPv6 only (asyncio sets IPV6_V6ONLY), so IPv4 needs
+    its own listener; amqtt refuses `[::]:PORT`."""
     max_payload: int = Field(default=256 * 1024, ge=1024)
 
 
@@ -67,14 +68,24 @@ class ConfiguratorSettings(Section):
     lan: LanSettings = Field(default_factory=LanSettings)
 
 
+class BeaconSettings(Section):
+    interfaces: list[str] = Field(default_factory=list)
+    """LAN interfaces to send the Layer-2 beacon on (none: no beacon)."""
+    ethertype: int = Field(default=0x88B5, ge=0x0600, le=0xFFFF)
+
+
 class GatewaySettings(Section):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
+    beacon: BeaconSettings = Field(default_factory=BeaconSettings)
     configurator: ConfiguratorSettings = Field(default_factory=ConfiguratorSettings)
 
 
 class AgentSettings(Section):
     broker: BrokerUrlText | None = None
     """None: find the broker from the gateway's Layer-2 beacon."""
+    beacon_ethertype: int = Field(default=0x88B5, ge=0x0600, le=0xFFFF)
+    configurator_key_file: Path | None = None
+    """A provisioned configurator public key (base64); without it the first valid beacon's key is pinned."""
     root: str = DEFAULT_ROOT
     device_id: str | None = None
     device_type: str = "generic"
