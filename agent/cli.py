@@ -48,7 +48,10 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
-    device = open_device(settings)
+    try:
+        device = open_device(settings)
+    except OSError as exc:
+        raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
     listener, found = _discover(device) if settings.broker is None else (None, None)
     agent = build(settings, broker=found.broker if found else None, device=device)
     agent.start()

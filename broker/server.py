@@ -113,6 +113,8 @@ class BrokerThread:
         asyncio.run_coroutine_threadsafe(self._broker.start(), self._loop).result(timeout=30)
 
     def stop(self) -> None:
+        if not self._thread.is_alive():
+            return
         if self._broker is not None:
             asyncio.run_coroutine_threadsafe(self._broker.stop(), self._loop).result(timeout=30)
         self._loop.call_soon_threadsafe(self._loop.stop)

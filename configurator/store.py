@@ -23,34 +23,43 @@ class StoreError(Exception):
 
 
 class DurableStorage(Storage):
-    """Whole-file JSON storage with atomic replacement; the parsed form is never shared."""
+    """Whole-file JSON storage with atomic replacement.
+
+    The parsed database is kept in memory and handed to tinydb, which changes it in place and
+    then calls write(); if that write fails, the in-memory copy is dropped and the next read
+    reloads the file, which still holds the last committed state.
+    """
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
         self.read_only = read_only
-        self._text: bytes | None = None
+        self._data: dict[str, Any] | None = None
 
     def read(self) -> dict[str, Any] | None:
-        if self._text is None:
+        if self._data is None:
             try:
-                self._text = self.path.read_bytes()
+                text = self.path.read_bytes()
             except FileNotFoundError:
                 return None
-        try:
-            data = json.loads(self._text)
-        except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-            raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
-        if not isinstance(data, dict):
-            raise StoreError(f"{self.path} is not a homenet database: "
-                             f"it holds a JSON {type(data).__name__}, not an object")
-        return data
+            try:
+                data = json.loads(text)
+            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+                raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
+            if not isinstance(data, dict):
+                raise StoreError(f"{self.path} is not a homenet database: "
+                                 f"it holds a JSON {type(data).__name__}, not an object")
+            self._data = data
+        return self._data
 
     def write(self, data: dict[str, Any]) -> None:
         if self.read_only:
             raise StoreError(f"{self.path} is opened read-only")
-        text = json.dumps(data, sort_keys=True, separators=(",", ":")).encode()
-        write_atomic(self.path, text)
-        self._text = text
+        try:
+            write_atomic(self.path, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
+        except BaseException:
+            self._data = None
+            raise
+        self._data = data
 
 
 class Store(Protocol):

@@ -223,10 +223,14 @@ def test_durable_storage_round_trip(db_path):
     assert DurableStorage(db_path).read() == {"devices": {"1": {"device_id": "x"}}}
 
 
-def test_durable_storage_never_shares_its_parsed_data(db_path):
+def test_durable_storage_forgets_changes_whose_write_failed(db_path, monkeypatch):
     storage = DurableStorage(db_path)
     storage.write({"meta": {"1": {"epoch": 1}}})
-    storage.read()["meta"]["1"]["epoch"] = 99
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left")))
+    data = storage.read()
+    data["meta"]["1"]["epoch"] = 99  # tinydb changes the data in place, then writes it
+    with pytest.raises(OSError):
+        storage.write(data)
     assert storage.read() == {"meta": {"1": {"epoch": 1}}}
 
 
