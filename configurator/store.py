@@ -72,27 +72,38 @@ class Store(Protocol):
 
 
 class TinyStore:
-    """Devices and configurator metadata in one tinydb file; each call is one durable write."""
+    """Devices and configurator metadata in one tinydb file; each call is one durable write.
+
+    Validated records are also kept in a dict, updated only after their write succeeded, so
+    planning (which looks at every device) does not re-parse and re-validate the database.
+    """
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
         self._db = TinyDB(self.path, storage=DurableStorage, read_only=read_only)
         self._devices = self._db.table("devices")
         self._meta = self._db.table("meta")
+        self._records = {d["device_id"]: DeviceRecord.model_validate(d) for d in self._devices.all()}
 
     def get(self, device_id: str) -> DeviceRecord | None:
-        doc = self._devices.get(Query().device_id == device_id)
-        return DeviceRecord.model_validate(doc) if doc else None
+        return self._records.get(device_id)
 
     def put(self, record: DeviceRecord) -> None:
-        self._devices.upsert(record.to_doc(), Query().device_id == record.device_id)
+        # not upsert(): for a new document it writes twice (an empty update, then the insert)
+        doc = record.to_doc()
+        if record.device_id in self._records:
+            match = Query().device_id == record.device_id
+            self._devices.update(lambda old: (old.clear(), old.update(doc)), match)  # replace whole
+        else:
+            self._devices.insert(doc)
+        self._records[record.device_id] = record
 
     def delete(self, device_id: str) -> None:
         self._devices.remove(Query().device_id == device_id)
+        self._records.pop(device_id, None)
 
     def all(self) -> list[DeviceRecord]:
-        return sorted((DeviceRecord.model_validate(d) for d in self._devices.all()),
-                      key=lambda r: r.device_id)
+        return sorted(self._records.values(), key=lambda r: r.device_id)
 
     def meta(self) -> dict[str, Any]:
         doc = self._meta.get(doc_id=1)
