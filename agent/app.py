@@ -10,6 +10,7 @@ from homenet.settings import AgentSettings
 
 from homenet.schemas.messages import DeviceInfo
 
+from . import iproute2
 from .collector import Collector, LinuxCollector
 from .executor import Executor, SimulatedCollector, SimulatedExecutor
 from .service import Agent, describe
@@ -40,14 +41,23 @@ class Device:
 
 
 def open_device(settings: AgentSettings) -> Device:
+    """The executor follows AgentSettings.executor; `auto` is `iproute2` where it can work."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = StateFile(settings.data_dir)
-    executor = SimulatedExecutor(settings.data_dir)
     device_id = settings.device_id or state.state.device_id or derive_device_id(LinuxCollector())
     if state.state.device_id != device_id:
         state.update(device_id=device_id)
-    collector: Collector = (SimulatedCollector(device_id, executor) if settings.collector == "simulated"
-                            else LinuxCollector())
+    executor: Executor
+    collector: Collector
+    if settings.collector == "simulated":  # the settings refuse it with any other executor
+        simulated = SimulatedExecutor(settings.data_dir)
+        executor, collector = simulated, SimulatedCollector(device_id, simulated)
+    else:
+        collector = LinuxCollector()
+        if settings.executor == "iproute2" or (settings.executor == "auto" and iproute2.usable()):
+            executor = iproute2.Iproute2Executor(settings.resolv_conf)
+        else:
+            executor = SimulatedExecutor(settings.data_dir)
     return Device(settings, device_id, state, collector, executor)
 
 

@@ -2,7 +2,9 @@
 
 This module holds the interface and the `simulated` executor, which keeps the settings it was
 asked for in the agent's state directory instead of touching the system: for demos, tests of
-the protocol, and devices whose settings are managed elsewhere.
+the protocol, and devices whose settings are managed elsewhere. An executor can also snapshot
+what it may change and restore the snapshot, so the agent can undo settings that cut the
+device off from the broker (`safeapply.py`).
 """
 
 from __future__ import annotations
@@ -16,6 +18,10 @@ from homenet.schemas.messages import (ConfigItem, Interface, Ipv4Item, ItemResul
                                       item_key)
 
 
+class ExecutorError(Exception):
+    """The system's settings could not be read for a checkpoint or restored from one."""
+
+
 class Executor(Protocol):
     name: str
 
@@ -24,6 +30,15 @@ class Executor(Protocol):
 
     def in_force(self) -> dict[str, Any]:
         """The settings now in force, as reported in `config.result`."""
+
+    def checkpoint(self) -> object:
+        """A snapshot of everything `apply` may change, opaque to all but `rollback`.
+
+        Raises ExecutorError when the settings cannot be read (then nothing should be applied).
+        """
+
+    def rollback(self, checkpoint: Any) -> None:
+        """Put back what `checkpoint` saw; raises ExecutorError naming what could not be restored."""
 
 
 def _settings_of(item: ConfigItem) -> dict[str, Any]:
@@ -58,6 +73,18 @@ class SimulatedExecutor:
 
     def in_force(self) -> dict[str, Any]:
         return dict(self._settings)
+
+    def checkpoint(self) -> dict[str, Any]:
+        return dict(self._settings)  # values are replaced on apply, never changed in place
+
+    def rollback(self, checkpoint: dict[str, Any]) -> None:
+        if checkpoint == self._settings:
+            return
+        try:
+            write_json_atomic(self.path, checkpoint)
+        except OSError as exc:
+            raise ExecutorError(f"cannot save: {exc}") from exc
+        self._settings = dict(checkpoint)
 
 
 class SimulatedCollector:

@@ -4,9 +4,12 @@ Theory of operation: on every (re)connect the agent subscribes first (paho does 
 subscriptions), marks itself online (the will says offline), and waits for the retained
 `configurator/state`. Each time a configurator is online with an epoch it has not registered
 with on this connection, it registers. A retained `config` above the applied version is
-executed item by item; the new version and its result are saved before the result is
-published, so a restart neither re-applies nor forgets a confirmation. An `info` goes out when
-the device's interfaces or addresses change.
+executed item by item, safely (`safeapply.py`): changed IPv4 settings that lose the broker
+are rolled back. The new version and its result are saved before the result is published, so
+a restart neither re-applies nor forgets a confirmation. A rolled-back version is not applied:
+a later version is, and the same version once more only after a restart (the retained config
+comes back on every reconnect, and retrying it each time would flap the device's network). An
+`info` goes out when the device's interfaces or addresses change.
 """
 
 from __future__ import annotations
@@ -29,6 +32,7 @@ from homenet.settings import AgentSettings
 
 from .collector import Collector
 from .executor import Executor
+from .safeapply import Endpoint, apply_safely, ipv4_endpoints
 from .state import StateFile
 
 log = logging.getLogger(__name__)
@@ -37,7 +41,9 @@ _OK = (ItemStatus.APPLIED, ItemStatus.UNCHANGED)
 
 
 def overall(statuses: list[ItemStatus]) -> ResultStatus:
-    """All items fine -> ok; none fine -> failed; some -> partial."""
+    """Any item rolled back -> rolled_back; all fine -> ok; none fine -> failed; some -> partial."""
+    if ItemStatus.ROLLED_BACK in statuses:
+        return ResultStatus.ROLLED_BACK
     fine = sum(s in _OK for s in statuses)
     if fine == len(statuses):
         return ResultStatus.OK
@@ -56,7 +62,10 @@ def describe(settings: AgentSettings, device_id: str, collector: Collector, exec
 
 class Agent:
     def __init__(self, settings: AgentSettings, device_id: str, state: StateFile,
-                 collector: Collector, executor: Executor, broker: BrokerUrl) -> None:
+                 collector: Collector, executor: Executor, broker: BrokerUrl,
+                 verify: list[Endpoint] | None = None) -> None:
+        """`verify`: more endpoints of the broker (e.g. from its beacon) for the check after an
+        IPv4 change; only IPv4 ones count, with the broker URL's host when it is IPv4."""
         self.settings = settings
         self.device_id = device_id
         self.state = state
@@ -64,6 +73,8 @@ class Agent:
         self.executor = executor
         self.topics = Topics(settings.root)
         self.broker = broker
+        self.verify_endpoints = ipv4_endpoints(broker, verify or ())
+        self._rolled_back_version = 0
         self._seq = SequenceCounter(state.state.seq_reserved, lambda c: state.update(seq_reserved=c))
         self._lock = threading.Lock()
         self._registered_epoch: int | None = None
@@ -188,15 +199,24 @@ class Agent:
         if config.version <= applied:
             log.debug("config version %d ignored: version %d is applied", config.version, applied)
             return
-        results = [self.executor.apply(item) for item in config.items if item.target == Target.AGENT]
+        if config.version == self._rolled_back_version:
+            log.debug("config version %d ignored: it was rolled back", config.version)
+            return
+        results = apply_safely(self.executor, [item for item in config.items if item.target == Target.AGENT],
+                               self.verify_endpoints, self.settings.apply_deadline)
         result = ConfigResult(re=envelope.id, version=config.version,
                               status=overall([r.status for r in results]), items=results,
                               in_force=self.executor.in_force())
-        self.state.update(applied_version=config.version, applied_config_id=envelope.id,
-                          last_result=result.model_dump(mode="json"))
+        if result.status == ResultStatus.ROLLED_BACK:  # not applied: a corrected version must apply
+            self._rolled_back_version = config.version
+            self.state.update(last_result=result.model_dump(mode="json"))
+        else:
+            self.state.update(applied_version=config.version, applied_config_id=envelope.id,
+                              last_result=result.model_dump(mode="json"))
         self._publish("config/result", "config.result", result, retain=True)
         log.info("config version %d: %s (%s)", config.version, result.status.value,
-                 ", ".join(f"{r.item} {r.status.value}" for r in results) or "no agent items")
+                 ", ".join(f"{r.item} {r.status.value}{': ' + r.detail if r.detail else ''}" for r in results)
+                 or "no agent items")
         self.confirmed.set()
         self._send_info_if_changed()
 

@@ -11,7 +11,7 @@ import tomllib
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
-from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, ValidationError, ValidationInfo, field_validator
 
 from homenet.mqtt import BrokerUrl
 
@@ -91,8 +91,18 @@ class AgentSettings(Section):
     device_type: str = "generic"
     model: str = ""
     data_dir: Path = Field(default_factory=lambda: default_data_dir("agent"))
-    executor: Literal["simulated"] = "simulated"
+    executor: Literal["auto", "simulated", "iproute2"] = "auto"
+    """How config items are carried out. `auto` picks `iproute2` (changes the system over
+    netlink) when the agent runs on Linux with CAP_NET_ADMIN in effect (root, or a unit with
+    `AmbientCapabilities=CAP_NET_ADMIN`) and reports the real interfaces (collector `linux`);
+    otherwise `simulated`, which only records the settings: an agent that cannot change the
+    network, or pretends to be another device, must not try."""
     collector: Literal["linux", "simulated"] = "linux"
+    resolv_conf: Path = Path("/etc/resolv.conf")
+    """Where the `iproute2` executor writes the DNS servers of an `ipv4` item."""
+    apply_deadline: float = Field(default=15.0, gt=0, le=30)
+    """Seconds the broker has to answer on changed IPv4 settings before they are rolled back.
+    The check holds up the MQTT loop, so it stays under the 30 s keepalive."""
     info_interval: float = Field(default=10.0, gt=0)
     """Seconds between checks of the device's addresses (an `info` goes out on change)."""
 
@@ -100,6 +110,14 @@ class AgentSettings(Section):
     @classmethod
     def _safe_id(cls, value: str | None) -> str | None:
         return value if value is None else check_device_id(value)
+
+    @field_validator("collector")
+    @classmethod
+    def _simulated_pair(cls, value: str, info: ValidationInfo) -> str:
+        """The simulated collector reports the simulated executor's address: a real one would lie."""
+        if value == "simulated" and info.data.get("executor") == "iproute2":
+            raise ValueError("the simulated collector needs executor 'simulated' (or 'auto')")
+        return value
 
 
 def load(model: type[Section], path: Path | None, overrides: dict[str, Any]) -> Any:
