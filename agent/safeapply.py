@@ -1,0 +1,98 @@
+"""Safe apply: new network settings stay only if the broker is still reachable through them.
+
+Nobody sits at a home device's console: a wrong address, prefix or gateway would cut it off
+from the configurator for good. So, as `netplan try` and NetworkManager checkpoints do, the
+agent snapshots what the executor may change, applies the items and, when IPv4 settings
+changed, tries TCP connections to the broker's IPv4 endpoints until a deadline. If none
+answers, the snapshot is restored and every applied item is reported `rolled_back` with the
+reason. IPv6 endpoints are not tried: a link-local session survives any IPv4 change, so
+reaching the broker over it proves nothing about the new settings. The connections are not
+bound to the new address: the kernel picks route and source as it will for the MQTT client.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import socket
+import time
+from collections.abc import Iterable, Sequence
+
+from homenet.mqtt import BrokerUrl
+from homenet.schemas.messages import ConfigItem, Ipv4Item, ItemResult, ItemStatus, item_key
+
+from .executor import Executor, ExecutorError
+
+Endpoint = tuple[str, int]
+
+ATTEMPT_TIMEOUT = 3.0
+"""Longest single connect, so one black-holed endpoint leaves time to try the others."""
+RETRY_PAUSE = 0.25
+"""Between rounds of failed connects: a new route or neighbour entry may need a moment."""
+DETAIL_LIMIT = 1024
+"""`ItemResult.detail` is capped at this length on the wire."""
+
+
+def ipv4_endpoints(broker: BrokerUrl, extra: Iterable[Endpoint] = ()) -> list[Endpoint]:
+    """The endpoints to verify with: the broker URL's host if it is an IPv4 literal, then `extra`."""
+    found: list[Endpoint] = []
+    for host, port in [(broker.host, broker.port), *extra]:
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            continue
+        if (host, port) not in found:
+            found.append((host, port))
+    return found
+
+
+def unreachable(endpoints: Sequence[Endpoint], deadline: float) -> str | None:
+    """None as soon as one endpoint accepts a TCP connection (or there is none to try); else,
+    at the deadline, why not."""
+    if not endpoints:
+        return None
+    end = time.monotonic() + deadline
+    errors: dict[Endpoint, str] = {}
+    while True:
+        for endpoint in endpoints:
+            remaining = end - time.monotonic()
+            if remaining <= 0:
+                if len(errors) == 1:
+                    return next(iter(errors.values()))
+                return "; ".join(f"{host}:{port}: {error}" for (host, port), error in errors.items())
+            try:
+                socket.create_connection(endpoint, timeout=min(remaining, ATTEMPT_TIMEOUT)).close()
+                return None
+            except OSError as exc:
+                errors[endpoint] = exc.strerror or str(exc) or type(exc).__name__
+        time.sleep(max(0.0, min(RETRY_PAUSE, end - time.monotonic())))
+
+
+def apply_safely(executor: Executor, items: Sequence[ConfigItem], endpoints: Sequence[Endpoint],
+                 deadline: float) -> list[ItemResult]:
+    """Apply `items`; undo them all when changed IPv4 settings lose every endpoint for `deadline` s."""
+    try:
+        snapshot = executor.checkpoint()
+    except ExecutorError as exc:
+        return [ItemResult(item=item_key(i), status=ItemStatus.FAILED, detail=_cap(f"not applied: {exc}"))
+                for i in items]
+    results = [executor.apply(item) for item in items]
+    changed = [str(item.address) for item, result in zip(items, results)
+               if isinstance(item, Ipv4Item) and result.status == ItemStatus.APPLIED]
+    if not changed or (error := unreachable(endpoints, deadline)) is None:
+        return results
+    reason = (f"broker {', '.join(f'{host}:{port}' for host, port in endpoints)} unreachable from "
+              f"{', '.join(changed)} within {deadline:g} s: {error}")
+    try:
+        executor.rollback(snapshot)
+    except ExecutorError as exc:
+        return _replace_applied(results, ItemStatus.FAILED, f"{reason}; rollback failed: {exc}")
+    return _replace_applied(results, ItemStatus.ROLLED_BACK, reason)
+
+
+def _replace_applied(results: list[ItemResult], status: ItemStatus, detail: str) -> list[ItemResult]:
+    return [ItemResult(item=r.item, status=status, detail=_cap(detail)) if r.status == ItemStatus.APPLIED else r
+            for r in results]
+
+
+def _cap(detail: str) -> str:
+    return detail if len(detail) <= DETAIL_LIMIT else detail[:DETAIL_LIMIT - 3] + "..."
