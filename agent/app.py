@@ -61,11 +61,14 @@ def open_device(settings: AgentSettings) -> Device:
     return Device(settings, device_id, state, collector, executor)
 
 
-def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None) -> Agent:
-    """An agent for `broker` (found by discovery), else for the broker named in the settings."""
+def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None,
+          verify: list[tuple[str, int]] | None = None) -> Agent:
+    """An agent for `broker` (found by discovery, with the beacon's IPv4 endpoints to `verify`
+    an address change against), else for the broker named in the settings."""
     device = device or open_device(settings)
     if broker is None:
         if settings.broker is None:
             raise ValueError("no broker: give --broker or let the agent discover one")
         broker = BrokerUrl.parse(settings.broker)
-    return Agent(settings, device.device_id, device.state, device.collector, device.executor, broker)
+    return Agent(settings, device.device_id, device.state, device.collector, device.executor, broker,
+                 verify=verify)

@@ -56,7 +56,8 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
     listener, found = _discover(device) if settings.broker is None else (None, None)
-    agent = build(settings, broker=found.broker if found else None, device=device)
+    agent = build(settings, broker=found.broker if found else None, device=device,
+                  verify=found.verify if found else None)
     agent.start()
     done.wait()
     agent.stop()

@@ -20,12 +20,15 @@ from .harness import Gateway
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
+PACKAGES = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients", "ping": "iputils-ping"}
+
+
 def require_program(name: str, path: str | None = None) -> str:
     """The program's path; skip (laptop) or fail (CI) when it is missing."""
     found = path if path and Path(path).exists() else shutil.which(name)
     if found:
         return found
-    message = f"{name} is not installed (Debian package {'mosquitto-clients' if name.startswith('mosquitto_') else name})"
+    message = f"{name} is not installed (Debian package {PACKAGES.get(name, name)})"
     if IN_CI:
         pytest.fail(message + ": CI must install it (.ci/run)")
     pytest.skip(message)

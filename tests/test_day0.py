@@ -17,6 +17,7 @@ from homenet.configurator.lifecycle import State
 from homenet.configurator.store import TinyStore
 from homenet.schemas.messages import ResultStatus
 
+from .conftest import require_program
 from .harness import wait_until
 from .netns import Lab, Namespace
 
@@ -86,6 +87,7 @@ def lab() -> Iterator[Lab]:
 
 
 def test_devices_with_only_link_local_get_ipv4_from_the_policy(lab: Lab, tmp_path: Path) -> None:
+    ping = require_program("ping")
     home = start_home(lab, tmp_path)
     devices = [home.device("stb", "iptv-stb"), home.device("nas", "nas")]
     records = home.wait_result(2)
@@ -100,7 +102,7 @@ def test_devices_with_only_link_local_get_ipv4_from_the_policy(lab: Lab, tmp_pat
         assert ns.ipv4("eth0") == [f"{record.address}/24"]
         assert ns.routes("default")[0]["gateway"] == GATEWAY_IP
         assert any(a["local"].startswith("fe80:") for a in ns.addresses("eth0")), "link-local kept"
-        ns.run("ping", "-c", "1", "-W", "2", GATEWAY_IP)
+        ns.run(ping, "-c", "1", "-W", "2", GATEWAY_IP)
     assert len({r.address for r in records.values()}) == 2
 
 
