@@ -65,6 +65,10 @@ class Address:
     def __str__(self) -> str:
         return f"{self.address}/{self.prefix_len}"
 
+    def netlink(self) -> dict[str, Any]:
+        return dict(address=self.address, prefixlen=self.prefix_len,
+                    **({"broadcast": self.broadcast} if self.broadcast else {}))
+
 
 @dataclass(frozen=True)
 class DefaultRoute:
@@ -204,13 +208,13 @@ class Iproute2Executor:
             for address in reversed(_addresses(ipr, index).get(index, ())):  # secondaries first:
                 if str(address) != cidr:  # removing a primary would take its secondaries along
                     doing = f"removing {address} from {name}"
-                    ipr.addr("del", index=index, address=address.address, prefixlen=address.prefix_len)
+                    ipr.addr("del", index=index, **address.netlink())
             # re-read: the item's address may have been a secondary of a primary removed above
             if cidr not in {str(a) for a in _addresses(ipr, index).get(index, ())}:
                 doing = f"adding {cidr} to {name}"
-                network = ipaddress.IPv4Network(cidr, strict=False)
-                broadcast = {"broadcast": str(network.broadcast_address)} if item.prefix_len < 31 else {}
-                ipr.addr("add", index=index, address=str(item.address), prefixlen=item.prefix_len, **broadcast)
+                broadcast = ipaddress.IPv4Network(cidr, strict=False).broadcast_address
+                new = Address(str(item.address), item.prefix_len, str(broadcast) if item.prefix_len < 31 else None)
+                ipr.addr("add", index=index, **new.netlink())
             doing = f"setting the default route via {gateway} on {name}"
             ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, table=MAIN_TABLE)
             for route in _default_routes(ipr):
@@ -279,10 +283,9 @@ class Iproute2Executor:
         """Every step is tried, so one failure does not leave the rest unrestored."""
         problems: list[str] = []
 
-        def attempt(what: str, action: Callable[[], object]) -> None:
-            """Run `action` now (so closing over the loop variables below is safe), note a failure."""
+        def attempt(what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
             try:
-                action()
+                action(*args, **kwargs)
             except (NetlinkError, OSError) as exc:
                 problems.append(f"{what}: {_why(exc)}")
 
@@ -293,19 +296,15 @@ class Iproute2Executor:
                 continue
             for a in reversed(now.get(index, ())):  # secondaries first, as in apply
                 if a not in wanted:
-                    attempt(f"removing {a}", lambda: ipr.addr("del", index=index, address=a.address,
-                                                              prefixlen=a.prefix_len))
+                    attempt(f"removing {a}", ipr.addr, "del", index=index, **a.netlink())
             for a in wanted:  # in order, and re-read: the primary comes back first
                 if a not in _addresses(ipr, index).get(index, ()):
-                    attempt(f"restoring {a}", lambda: ipr.addr(
-                        "add", index=index, address=a.address, prefixlen=a.prefix_len,
-                        **({"broadcast": a.broadcast} if a.broadcast else {})))
+                    attempt(f"restoring {a}", ipr.addr, "add", index=index, **a.netlink())
         for route in _default_routes(ipr) - checkpoint.default_routes:
-            attempt(f"removing the default route via {route.gateway}", lambda: ipr.route("del", **route.netlink()))
+            attempt(f"removing the default route via {route.gateway}", ipr.route, "del", **route.netlink())
         for route in checkpoint.default_routes - _default_routes(ipr):
-            attempt(f"restoring the default route via {route.gateway}",
-                    lambda: ipr.route("replace", **route.netlink()))
-        attempt(f"restoring {self.resolv_conf}", lambda: _restore_file(self.resolv_conf, checkpoint.resolv_conf))
+            attempt(f"restoring the default route via {route.gateway}", ipr.route, "replace", **route.netlink())
+        attempt(f"restoring {self.resolv_conf}", _restore_file, self.resolv_conf, checkpoint.resolv_conf)
         if problems:
             raise ExecutorError("; ".join(problems))
 

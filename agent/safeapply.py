@@ -76,7 +76,7 @@ def apply_safely(executor: Executor, items: Sequence[ConfigItem], endpoints: Seq
         return [ItemResult(item=item_key(i), status=ItemStatus.FAILED, detail=_cap(f"not applied: {exc}"))
                 for i in items]
     results = [executor.apply(item) for item in items]
-    changed = [str(item.address) for item, result in zip(items, results)
+    changed = [str(item.address) for item, result in zip(items, results, strict=True)
                if isinstance(item, Ipv4Item) and result.status == ItemStatus.APPLIED]
     if not changed or (error := unreachable(endpoints, deadline)) is None:
         return results
