@@ -25,8 +25,8 @@ import paho.mqtt.client as paho
 from homenet import __version__
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import ContractError, Topics, decode, encode
-from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
-                                      RegisterReply, RegisterStatus, ResultStatus, Rpc, RpcReply, Target)
+from homenet.schemas.messages import (ConfigResult, DeviceInfo, ItemStatus, Model, RegisterStatus, ResultStatus,
+                                      RpcReply, Target)
 from homenet.sequence import SequenceCounter
 from homenet.settings import AgentSettings
 

@@ -21,8 +21,9 @@ class AgentState(BaseModel):
     beacon_counter: int = 0
     """The newest beacon accepted: an older (epoch, counter) is a replay and is ignored."""
     last_result: dict | None = None
-    """The `config.result` body of the applied version, re-sent (in a fresh envelope: a new
-    seq, so it is not a replay) on every connect, since the broker may have lost it."""
+    """The last `config.result` body (of the applied version, or of a version that was rolled
+    back), re-sent in a fresh envelope (a new seq, so not a replay) on every connect, since
+    the broker may have lost it."""
 
 
 class StateFile:

@@ -12,7 +12,7 @@ from collections.abc import Callable
 
 
 class SequenceCounter:
-    def __init__(self, reserved: int, persist: Callable[[int], None], block: int = 1000) -> None:
+    def __init__(self, reserved: int, persist: Callable[[int], object], block: int = 1000) -> None:
         """`reserved` is the ceiling last persisted; `persist(ceiling)` must be durable."""
         self._lock = threading.Lock()
         self._block = block
