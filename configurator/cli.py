@@ -194,6 +194,32 @@ def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> 
     click.echo(device_detail(record))
 
 
+@devices.command("forget")
+@click.argument("device_id")
+@CONFIG
+@click.option("--broker", help="Broker of the running configurator (default: this gateway's).")
+def devices_forget(device_id: str, config: Path | None, broker: str | None) -> None:
+    """Remove a device and everything set for it on the gateway."""
+    reply = _command(config, broker, "forget", device_id)
+    click.echo(f"forgot {device_id}" + (f" (released {reply.result['address']})" if reply.result.get("address") else ""))
+
+
+def _command(config: Path | None, broker: str | None, op: str, device_id: str) -> Any:
+    from homenet.schemas.messages import Command
+
+    from .operator import send_command
+
+    settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.broker": broker})
+    url = broker or local_url(settings.broker.listeners[0])
+    try:
+        reply = send_command(url, Command(op=op, device_id=device_id), settings.configurator.root)
+    except (ConnectionError, TimeoutError) as exc:
+        raise click.ClickException(str(exc)) from None
+    if not reply.ok:
+        raise click.ClickException(f"{op} {device_id}: {reply.error}")
+    return reply
+
+
 @main.command()
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for every device.")
 @VERBOSE

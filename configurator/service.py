@@ -19,7 +19,8 @@ from pydantic import ValidationError
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode
-from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, DeviceStatus,
+from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
+                                      DeviceStatus,
                                       Event as EventBody, Ipv4Item, ItemStatus, Model, PortMappingItem,
                                       RegisterReply, RegisterStatus, ResultStatus, Severity)
 from homenet.sequence import SequenceCounter
@@ -92,7 +93,8 @@ class Configurator:
             log.error("broker %s refused the configurator: %s", self.broker, reason)
             return
         set_nodelay(client)
-        client.subscribe([(self.topics.device_filter(c), 1) for c in SUBSCRIBED_CHANNELS])
+        client.subscribe([(self.topics.device_filter(c), 1) for c in SUBSCRIBED_CHANNELS]
+                         + [(self.topics.command, 1)])
         client.publish(self.topics.configurator_state, self._state_payload("online"), qos=1, retain=True)
         # The broker may have lost its retained messages (amqtt keeps none across restarts).
         for record in self.store.all():
@@ -135,15 +137,20 @@ class Configurator:
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
         sender = None
         try:
+            if msg.topic == self.topics.command:
+                self._on_command(msg.payload)
+                return
             topic = self.topics.parse_device(msg.topic)
             sender = topic.device_id
             if len(msg.payload) > MAX_PAYLOAD:
                 raise Rejected(f"payload of {len(msg.payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
-            if topic.channel == "status":
-                self._on_status(topic.device_id, msg.payload)
-                return
             if topic.channel == "config":
                 self._on_config_seen(topic.device_id, msg.payload)
+                return
+            if not msg.payload:  # a retained message being deleted, not a message
+                return
+            if topic.channel == "status":
+                self._on_status(topic.device_id, msg.payload)
                 return
             envelope, body = decode(msg.payload, expected_kind=topic.kind)
             sender = envelope.sender
@@ -178,6 +185,31 @@ class Configurator:
             return
         self.store.put(record.model_copy(update={"online": online, "updated": now()}))
         self.event(f"device.{status.state}", device_id=device_id)
+
+    # --- operator commands -----------------------------------------------------------------
+
+    def _on_command(self, payload: bytes) -> None:
+        envelope, command = decode(payload, expected_kind="command")
+        try:
+            result = {"forget": self._forget}[command.op](command)
+            reply = CommandReply(re=envelope.id, ok=True, result=result)
+        except Rejected as exc:
+            log.warning("command %s from %s refused: %s", command.op, envelope.sender, exc)
+            reply = CommandReply(re=envelope.id, ok=False, error=str(exc))
+        self._publish(self.topics.command_reply, "command.reply", reply)
+
+    def _forget(self, command: Command) -> dict[str, Any]:
+        """Remove the device and everything set for it; if it comes back it registers afresh."""
+        record = self.store.get(command.device_id)
+        if record is None:
+            raise Rejected(f"no device {command.device_id!r}")
+        self.store.delete(record.device_id)
+        self.driver.remove(record.device_id)
+        for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
+            self.client.publish(self.topics.device(record.device_id, channel), b"", qos=1, retain=True)
+        self._publish_gateway_state()
+        self.event("device.forgotten", device_id=record.device_id, address=record.address)
+        return {"device_id": record.device_id, "address": record.address}
 
     def _on_config_seen(self, device_id: str, payload: bytes) -> None:
         """Only this configurator writes configs: anything else on a config topic is put right."""

@@ -201,6 +201,20 @@ class RpcReply(Model):
     error: str = ""
 
 
+class Command(Model):
+    """An operator's request to the configurator (the `homenet devices ...` commands)."""
+
+    op: Literal["forget"]
+    device_id: DeviceId
+
+
+class CommandReply(Model):
+    re: str
+    ok: bool
+    error: str = ""
+    result: dict[str, Any] = Field(default_factory=dict)
+
+
 class Reservation(Model):
     device_id: DeviceId
     mac: MacAddress | None
@@ -259,5 +273,7 @@ BODIES: dict[str, type[Model]] = {
     "rpc": Rpc,
     "rpc.reply": RpcReply,
     "gateway.state": GatewayState,
+    "command": Command,
+    "command.reply": CommandReply,
     "event": Event,
 }

@@ -64,6 +64,14 @@ class Topics:
         return f"{self.root}/configurator/state"
 
     @property
+    def command(self) -> str:
+        return f"{self.root}/configurator/command"
+
+    @property
+    def command_reply(self) -> str:
+        return f"{self.root}/configurator/command/reply"
+
+    @property
     def gateway_state(self) -> str:
         return f"{self.root}/gateway/state"
 

@@ -11,7 +11,7 @@ from pydantic import ValidationError
 
 from homenet.schemas import (DEFAULT_ROOT, MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError,
                              canonical, check_device_id, decode, encode)
-from homenet.schemas.messages import (BODIES, Config, ConfigResult, ConfiguratorState, DeviceInfo,
+from homenet.schemas.messages import (Command, CommandReply, BODIES, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       Event, GatewayState, IgmpItem, Interface, Ipv4Item, ItemResult,
                                       ItemStatus, PortMapping, PortMappingItem, QosClass, QosItem,
                                       QosRule, RegisterReply, RegisterStatus, Reservation, ResultStatus,
@@ -56,6 +56,8 @@ SAMPLES = {
     "event": Event(event="register.rejected", severity=Severity.WARNING, device_id="x-1",
                    topic="homenet/v1/device/x-1/register", sender="x-1", reason="bad body",
                    detail={"seq": 7}),
+    "command": Command(op="forget", device_id="nas-1"),
+    "command.reply": CommandReply(re="abc", ok=False, error="no device 'nas-1'"),
 }
 
 

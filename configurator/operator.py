@@ -1,0 +1,58 @@
+"""The operator's side of `configurator/command`: one command, one reply, then disconnect.
+
+Operator commands go through the running configurator (never straight to its database file),
+because the configurator owns the database and keeps the gateway in line with it.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import uuid
+from typing import Any
+
+from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.schemas import ContractError, Topics, decode, encode
+from homenet.schemas.messages import Command, CommandReply
+
+
+def send_command(url: str, command: Command, root: str, timeout: float = 10.0) -> CommandReply:
+    broker = BrokerUrl.parse(url)
+    topics = Topics(root)
+    sender = f"operator-{uuid.uuid4().hex[:8]}"
+    # operators keep no counter on disk: a millisecond clock keeps their seq rising
+    msg_id, payload = encode("command", command, sender=sender, seq=time.time_ns() // 1_000_000)
+    replies: list[CommandReply] = []
+    done = threading.Event()
+    client = make_client(sender, clean_session=True)
+
+    def on_connect(c: Any, *_: Any) -> None:
+        set_nodelay(c)
+        c.subscribe(topics.command_reply, qos=1)
+
+    def on_subscribe(c: Any, *_: Any) -> None:
+        c.publish(topics.command, payload, qos=1)
+
+    def on_message(_c: Any, _u: Any, msg: Any) -> None:
+        try:
+            _, reply = decode(msg.payload, expected_kind="command.reply")
+        except ContractError:
+            return
+        if reply.re == msg_id:
+            replies.append(reply)
+            done.set()
+
+    client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the broker at {broker}: {exc}") from None
+    client.loop_start()
+    try:
+        if not done.wait(timeout):
+            raise TimeoutError(f"no answer from a configurator via {broker} within {timeout:g} s "
+                               "(is `homenet gateway run` running there?)")
+        return replies[0]
+    finally:
+        client.disconnect()
+        client.loop_stop()

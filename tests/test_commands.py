@@ -1,0 +1,48 @@
+"""Operator commands go through the running configurator, which owns the database."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+from homenet.brokers import BrokerHandle
+
+from .harness import Gateway, wait_until
+
+HOMENET = str(Path(sys.executable).parent / "homenet")
+
+
+def homenet(broker: BrokerHandle, *args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([HOMENET, *args, "--broker", broker.url], capture_output=True, text=True, timeout=30)
+
+
+def test_forget_removes_the_device_and_what_the_gateway_set_for_it(gateway: Gateway) -> None:
+    gateway.agent("nas")
+    record = gateway.wait_configured("test-nas")
+
+    out = homenet(gateway.broker, "devices", "forget", "test-nas")
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.strip() == f"forgot test-nas (released {record.address})"
+
+    assert gateway.record("test-nas") is None
+    gateway.watcher.wait_event("device.forgotten", device_id="test-nas")
+    state = json.loads([p for t, p, _ in gateway.watcher.messages if t == gateway.topics.gateway_state][-1])
+    assert state["body"]["reservations"] == [] and state["body"]["port_mappings"] == []
+    config_topic = gateway.topics.device("test-nas", "config")
+    wait_until(lambda: [p for t, p, _ in gateway.watcher.messages if t == config_topic][-1] == b"",
+               what="retained config cleared")
+    assert not [e for e in gateway.watcher.events() if e["event"] == "message.rejected"]
+
+
+def test_forgetting_an_unknown_device_is_a_clear_error(gateway: Gateway) -> None:
+    out = homenet(gateway.broker, "devices", "forget", "ghost")
+    assert out.returncode != 0
+    assert "forget ghost: no device 'ghost'" in out.stderr
+
+
+def test_a_command_without_a_configurator_says_so(embedded: BrokerHandle) -> None:
+    out = subprocess.run([HOMENET, "devices", "forget", "x", "--broker", embedded.url],
+                         capture_output=True, text=True, timeout=60)
+    assert out.returncode != 0 and "no answer from a configurator" in out.stderr
