@@ -3,18 +3,18 @@
 from __future__ import annotations
 
 import re
-from dataclasses import dataclass
 
+from homenet.keys import KeyPair
 from homenet.mqtt import BrokerUrl
 from homenet.settings import AgentSettings
 
-from homenet.schemas.messages import DeviceInfo
-
 from . import iproute2
 from .collector import Collector, LinuxCollector
+from .device import Device
 from .executor import Executor, SimulatedCollector, SimulatedExecutor
-from .service import Agent, describe
+from .service import Agent
 from .state import StateFile
+from .trust import PinnedKey
 
 
 def derive_device_id(collector: Collector) -> str:
@@ -23,21 +23,6 @@ def derive_device_id(collector: Collector) -> str:
         if iface.mac and iface.mac != "00:00:00:00:00:00":
             return "hn-" + iface.mac.replace(":", "")
     return re.sub(r"[^A-Za-z0-9._-]", "-", collector.hostname())[:63].strip("-._") or "device"
-
-
-@dataclass(frozen=True)
-class Device:
-    """This device as the agent knows it, before any broker is involved."""
-
-    settings: AgentSettings
-    device_id: str
-    state: StateFile
-    collector: Collector
-    executor: Executor
-
-    def info(self) -> DeviceInfo:
-        return describe(self.settings, self.device_id, self.collector, self.executor,
-                        self.state.state.applied_version)
 
 
 def open_device(settings: AgentSettings) -> Device:
@@ -58,7 +43,9 @@ def open_device(settings: AgentSettings) -> Device:
             executor = iproute2.Iproute2Executor(settings.resolv_conf)
         else:
             executor = SimulatedExecutor(settings.data_dir)
-    return Device(settings, device_id, state, collector, executor)
+    key = KeyPair.load_or_create(settings.data_dir / "agent.key")
+    pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
+    return Device(settings, device_id, state, collector, executor, key, pinned)
 
 
 def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None,
@@ -70,5 +57,4 @@ def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Devi
         if settings.broker is None:
             raise ValueError("no broker: give --broker or let the agent discover one")
         broker = BrokerUrl.parse(settings.broker)
-    return Agent(settings, device.device_id, device.state, device.collector, device.executor, broker,
-                 verify=verify)
+    return Agent(device, broker, verify=verify)

@@ -13,8 +13,6 @@ watching, so a rogue or malformed frame is reported in the log as it happens.
 
 from __future__ import annotations
 
-import base64
-import binascii
 import logging
 import select
 import socket
@@ -26,14 +24,14 @@ from pathlib import Path
 
 import psutil
 
-from homenet.durable import write_atomic
-from homenet.keys import b64, fingerprint, verify
+from homenet.keys import fingerprint, verify
 from homenet.l2 import link_local, mac_of, open_socket, receive
 from homenet.mqtt import BrokerUrl
 from homenet.schemas.beacon import (TYPE_SOLICIT, Beacon, BeaconError, decode_beacon, encode_solicit,
                                     ethernet_frame, frame_type, parse_ethernet)
 
 from .state import StateFile
+from .trust import PinnedKey
 
 log = logging.getLogger(__name__)
 
@@ -61,26 +59,6 @@ def candidate_interfaces() -> list[str]:
 def own_ipv4(iface: str) -> list[IPv4Interface]:
     return [IPv4Interface(f"{a.address}/{a.netmask}") for a in psutil.net_if_addrs().get(iface, [])
             if a.family == socket.AF_INET and a.netmask]
-
-
-class PinnedKey:
-    """The configurator key this device trusts, kept in a file."""
-
-    def __init__(self, path: Path, provisioned: Path | None) -> None:
-        self.path = provisioned or path
-        self.provisioned = provisioned is not None
-        self.key: bytes | None = None
-        if self.path.exists():
-            try:
-                self.key = base64.b64decode(self.path.read_text().strip(), validate=True)
-            except binascii.Error:
-                raise ValueError(f"{self.path} does not hold a base64 configurator key") from None
-        elif self.provisioned:
-            raise FileNotFoundError(f"provisioned configurator key {self.path} does not exist")
-
-    def pin(self, key: bytes) -> None:
-        write_atomic(self.path, (b64(key) + "\n").encode(), mode=0o644)
-        self.key = key
 
 
 class BeaconListener:

@@ -14,7 +14,7 @@ from homenet.settings import AgentSettings, SettingsError, load
 from homenet.l2 import NoRawSocket
 
 from .app import Device, build, open_device
-from .bootstrap import BeaconListener, Discovery, PinnedKey
+from .bootstrap import BeaconListener, Discovery
 
 
 @click.group()
@@ -53,6 +53,8 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
         signal.signal(sig, lambda *_: done.set())
     try:
         device = open_device(settings)
+    except ValueError as exc:  # e.g. a provisioned key file that holds no key
+        raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
     listener, found = _discover(device) if settings.broker is None else (None, None)
@@ -69,8 +71,7 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
     """Find the broker from the beacon; keep listening afterwards so rogue frames get logged."""
     settings = device.settings
     try:
-        pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
-        listener = BeaconListener(device.state, pinned, settings.beacon_ethertype)
+        listener = BeaconListener(device.state, device.pinned, settings.beacon_ethertype)
     except NoRawSocket as exc:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError) as exc:

@@ -22,18 +22,15 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from homenet import __version__
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
-from homenet.schemas import ContractError, Topics, decode, encode
-from homenet.schemas.messages import (ConfigResult, DeviceInfo, ItemStatus, Model, RegisterStatus, ResultStatus,
-                                      RpcReply, Target)
+from homenet.schemas import ContractError, Envelope, Topics, decode, encode, signed_by
+from homenet.schemas.signing import fingerprint, pairing_code, unb64
+from homenet.schemas.messages import (ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
+                                      RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
-from homenet.settings import AgentSettings
 
-from .collector import Collector
-from .executor import Executor
+from .device import Device
 from .safeapply import Endpoint, apply_safely, ipv4_endpoints
-from .state import StateFile
 
 log = logging.getLogger(__name__)
 
@@ -50,27 +47,16 @@ def overall(statuses: list[ItemStatus]) -> ResultStatus:
     return ResultStatus.FAILED if fine == 0 else ResultStatus.PARTIAL
 
 
-def describe(settings: AgentSettings, device_id: str, collector: Collector, executor: Executor,
-             applied_version: int) -> DeviceInfo:
-    """The device info the agent registers and re-sends when it changes."""
-    return DeviceInfo(
-        device_id=device_id, device_type=settings.device_type, model=settings.model,
-        hostname=collector.hostname(), agent_version=__version__,
-        capabilities=[f"executor:{executor.name}"],
-        interfaces=collector.interfaces(), applied_version=applied_version)
-
-
 class Agent:
-    def __init__(self, settings: AgentSettings, device_id: str, state: StateFile,
-                 collector: Collector, executor: Executor, broker: BrokerUrl,
-                 verify: list[Endpoint] | None = None) -> None:
+    def __init__(self, device: Device, broker: BrokerUrl, verify: list[Endpoint] | None = None) -> None:
         """`verify`: more endpoints of the broker (e.g. from its beacon) for the check after an
         IPv4 change; only IPv4 ones count, with the broker URL's host when it is IPv4."""
+        settings, state = device.settings, device.state
+        self.device = device
         self.settings = settings
-        self.device_id = device_id
+        self.device_id = device.device_id
         self.state = state
-        self.collector = collector
-        self.executor = executor
+        self.executor = device.executor
         self.topics = Topics(settings.root)
         self.broker = broker
         self.verify_endpoints = ipv4_endpoints(broker, verify or ())
@@ -83,7 +69,7 @@ class Agent:
         self._stop = threading.Event()
         self.registered = threading.Event()
         self.confirmed = threading.Event()
-        self.client = make_client(device_id, clean_session=False,
+        self.client = make_client(self.device_id, clean_session=False,
                                   will=(self._topic("status"), b'{"state":"offline"}'))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -116,13 +102,32 @@ class Agent:
         self.client.loop_stop()
 
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
-        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next())
+        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
         self.client.publish(self._topic(channel), payload, qos=1, retain=retain)
         return msg_id, payload
 
     def device_info(self) -> DeviceInfo:
-        return describe(self.settings, self.device_id, self.collector, self.executor,
-                        self.state.state.applied_version)
+        return self.device.info()
+
+    def _trusted(self, payload: bytes, kind: str) -> tuple[Envelope, Any]:
+        """Decode a message from the configurator; refuse it unless the pinned key signed it.
+
+        With no key pinned yet (no beacon, no provisioned key), the first `configurator/state`
+        signed by the key it announces is trusted: trust on first use, as the beacon does.
+        """
+        envelope, body = decode(payload, expected_kind=kind)
+        pinned = self.device.pinned
+        if pinned.key is None and isinstance(body, ConfiguratorState) and body.public_key:
+            key = unb64(body.public_key)
+            if key is not None and signed_by(envelope, key):
+                pinned.pin(key)
+                log.info("pinned configurator key %s (first use, from configurator/state)", fingerprint(key))
+        if pinned.key is None:
+            raise ContractError(f"{kind} arrived before any configurator key was pinned")
+        if not signed_by(envelope, pinned.key):
+            raise ContractError(f"{kind} from {envelope.sender!r} is not signed by the pinned "
+                                f"configurator key {fingerprint(pinned.key)}")
+        return envelope, body
 
     # --- connection ------------------------------------------------------------------------
 
@@ -162,7 +167,7 @@ class Agent:
     # --- the sequence ----------------------------------------------------------------------
 
     def _on_configurator_state(self, msg: paho.MQTTMessage) -> None:
-        envelope, state = decode(msg.payload, expected_kind="configurator.state")
+        envelope, state = self._trusted(msg.payload, "configurator.state")
         if state.state != "online":
             log.info("configurator %s is offline; waiting", state.configurator_id)
             return
@@ -177,7 +182,7 @@ class Agent:
                  state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
 
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
-        _, reply = decode(msg.payload, expected_kind="register.reply")
+        _, reply = self._trusted(msg.payload, "register.reply")
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
@@ -188,11 +193,13 @@ class Agent:
             self._send_info_if_changed()  # e.g. a config applied before this reply arrived
         else:
             log.warning("registration %s: %s", reply.status.value, reply.reason)
+            if reply.status == RegisterStatus.PENDING:
+                log.warning("pairing code of this device: %s", pairing_code(self.device.key.public))
 
     def _on_config(self, msg: paho.MQTTMessage) -> None:
         if not msg.payload:  # a cleared retained config
             return
-        envelope, config = decode(msg.payload, expected_kind="config")
+        envelope, config = self._trusted(msg.payload, "config")
         if config.device_id != self.device_id:
             raise ContractError(f"config for {config.device_id} on the topic of {self.device_id}")
         applied = self.state.state.applied_version
@@ -221,7 +228,7 @@ class Agent:
         self._send_info_if_changed()
 
     def _on_rpc(self, msg: paho.MQTTMessage) -> None:
-        envelope, rpc = decode(msg.payload, expected_kind="rpc")
+        envelope, rpc = self._trusted(msg.payload, "rpc")
         result: dict[str, Any] = {}
         if rpc.method == "refresh":
             self._send_info_if_changed(force=True)

@@ -4,14 +4,16 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from homenet.keys import KeyPair
 from homenet.settings import ConfiguratorSettings, LanSettings
 
-from .gateway import GatewayDriver, MemoryGatewayDriver
+from .gateway import GatewayDriver, GatewayReporter, MemoryGatewayDriver
 from .ipam import LanPlan
 from .service import Configurator
 from .store import TinyStore
 
 DB_NAME = "homenet-db.json"
+KEY_NAME = "configurator.key"
 
 
 def db_path(data_dir: Path) -> Path:
@@ -22,10 +24,22 @@ def lan_plan(lan: LanSettings) -> LanPlan:
     return LanPlan.build(lan.subnet, lan.gateway, lan.pool_start, lan.pool_end, lan.dns)
 
 
-def make_driver(settings: ConfiguratorSettings) -> GatewayDriver:
-    return MemoryGatewayDriver(lan_plan(settings.lan))
+def make_driver(settings: ConfiguratorSettings, reporter: GatewayReporter) -> GatewayDriver:
+    """The driver named by `gateway_driver`; the drivers' modules load only when chosen."""
+    lan = lan_plan(settings.lan)
+    if settings.gateway_driver == "linux":
+        from .drivers.linux import LinuxGatewayDriver
+        return LinuxGatewayDriver(lan, settings.gateway, reporter)
+    if settings.gateway_driver == "upnp":
+        from .drivers.upnp import UpnpGatewayDriver
+        return UpnpGatewayDriver(lan)
+    return MemoryGatewayDriver(lan)
 
 
 def build(settings: ConfiguratorSettings) -> Configurator:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
-    return Configurator(settings, TinyStore(db_path(settings.data_dir)), make_driver(settings))
+    reporter = GatewayReporter()
+    configurator = Configurator(settings, TinyStore(db_path(settings.data_dir)), make_driver(settings, reporter),
+                                KeyPair.load_or_create(settings.data_dir / KEY_NAME))
+    reporter.connect(configurator.event, configurator._publish_gateway_state)
+    return configurator

@@ -66,7 +66,6 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     """Run the embedded broker and the configurator (and the beacon) until SIGINT/SIGTERM."""
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.server import EmbeddedBroker
-    from homenet.keys import KeyPair
     from homenet.l2 import NoRawSocket
 
     from .app import build
@@ -85,8 +84,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         sender = None
         try:
             if settings.beacon.interfaces:
-                key = KeyPair.load_or_create(conf_settings.data_dir / "configurator.key")
-                sender = BeaconSender(settings.beacon.interfaces, key, configurator.epoch,
+                sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,
                                       int(settings.broker.listeners[0].rsplit(":", 1)[1]),
                                       conf_settings.root, settings.beacon.ethertype)
                 sender.start()

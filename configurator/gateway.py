@@ -7,13 +7,18 @@ configurator re-applies every stored config at start, so a fresh driver is alway
 
 from __future__ import annotations
 
+import logging
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 from typing import Protocol
 
 from homenet.schemas.messages import (Config, GatewayState, IgmpItem, Ipv4Item, ItemResult, ItemStatus,
                                       PortMapping, PortMappingItem, QosItem, QosRule, Reservation,
-                                      Target, item_key)
+                                      Severity, Target, item_key)
 
 from .ipam import LanPlan
+
+log = logging.getLogger(__name__)
 
 
 class GatewayDriver(Protocol):
@@ -31,6 +36,65 @@ class GatewayDriver(Protocol):
     def state(self) -> GatewayState:
         """What this driver has set, for `gateway/state`."""
 
+    def close(self) -> None:
+        """Stop what the driver runs (threads, child processes); what it set stays in place."""
+
+
+@dataclass(frozen=True)
+class DeviceWants:
+    """What one device needs from the gateway: its config's `gateway` items, made concrete."""
+
+    device_id: str
+    reservation: Reservation | None = None
+    port_mappings: tuple[PortMapping, ...] = ()
+    qos: QosRule | None = None
+    igmp: bool = False
+    items: tuple[str, ...] = ()
+    """Keys of the config items these come from (`reservation` first when there is one)."""
+
+
+def wants_of(config: Config) -> DeviceWants:
+    """The gateway's share of a config; nothing without an `ipv4` item (no address to act on)."""
+    device = config.device_id
+    ipv4 = next((i for i in config.items if isinstance(i, Ipv4Item)), None)
+    if ipv4 is None:
+        return DeviceWants(device)
+    mine = [i for i in config.items if i.target == Target.GATEWAY]
+    qos = next((i for i in mine if isinstance(i, QosItem)), None)
+    igmp = next((i for i in mine if isinstance(i, IgmpItem)), None)
+    return DeviceWants(
+        device_id=device,
+        reservation=Reservation(device_id=device, mac=ipv4.mac, address=ipv4.address),
+        port_mappings=port_mappings(config, Target.GATEWAY),
+        qos=QosRule(device_id=device, address=ipv4.address, qos_class=qos.qos_class,
+                    dscp=qos.dscp) if qos else None,
+        igmp=bool(igmp and igmp.enabled),
+        items=("reservation", *(item_key(i) for i in mine)))
+
+
+def port_mappings(config: Config, side: Target) -> tuple[PortMapping, ...]:
+    """The config's port mappings carried out by `side`, towards the device's planned address."""
+    ipv4 = next((i for i in config.items if isinstance(i, Ipv4Item)), None)
+    if ipv4 is None:
+        return ()
+    return tuple(PortMapping(device_id=config.device_id, protocol=i.protocol, external_port=i.external_port,
+                             internal_address=ipv4.address, internal_port=i.internal_port,
+                             description=i.description)
+                 for i in config.items if isinstance(i, PortMappingItem) and i.target == side)
+
+
+def gateway_state(driver: str, lan: LanPlan, wants: Iterable[DeviceWants]) -> GatewayState:
+    """The `gateway/state` body for what every device wants, in a stable order."""
+    wants = list(wants)
+    igmp = sorted(w.device_id for w in wants if w.igmp)
+    return GatewayState(
+        driver=driver, lan=str(lan.subnet),
+        reservations=sorted((w.reservation for w in wants if w.reservation), key=lambda r: r.address),
+        port_mappings=sorted((m for w in wants for m in w.port_mappings),
+                             key=lambda m: (m.protocol, m.external_port)),
+        qos=sorted((w.qos for w in wants if w.qos), key=lambda q: q.address),
+        igmp_proxy=bool(igmp), igmp_devices=igmp)
+
 
 class MemoryGatewayDriver:
     """Records reservations, port mappings, QoS rules and IGMP state; for demos and tests."""
@@ -39,53 +103,49 @@ class MemoryGatewayDriver:
 
     def __init__(self, lan: LanPlan) -> None:
         self._lan = lan
-        self._reservations: dict[str, Reservation] = {}
-        self._mappings: dict[str, list[PortMapping]] = {}
-        self._qos: dict[str, QosRule] = {}
-        self._igmp: set[str] = set()
+        self._wants: dict[str, DeviceWants] = {}
 
     def lan(self) -> LanPlan:
         return self._lan
 
     def apply(self, config: Config) -> list[ItemResult]:
-        device = config.device_id
-        ipv4 = next((i for i in config.items if isinstance(i, Ipv4Item)), None)
-        if ipv4 is None:
-            self.remove(device)
-            return []
-        self._reservations[device] = Reservation(device_id=device, mac=ipv4.mac, address=ipv4.address)
-        results = [ItemResult(item="reservation", status=ItemStatus.APPLIED, detail=str(ipv4.address))]
-        mine = [i for i in config.items if i.target == Target.GATEWAY]
-        self._mappings[device] = [
-            PortMapping(device_id=device, protocol=i.protocol, external_port=i.external_port,
-                        internal_address=ipv4.address, internal_port=i.internal_port,
-                        description=i.description)
-            for i in mine if isinstance(i, PortMappingItem)]
-        qos = next((i for i in mine if isinstance(i, QosItem)), None)
-        if qos:
-            self._qos[device] = QosRule(device_id=device, address=ipv4.address,
-                                        qos_class=qos.qos_class, dscp=qos.dscp)
-        else:
-            self._qos.pop(device, None)
-        igmp = next((i for i in mine if isinstance(i, IgmpItem)), None)
-        if igmp and igmp.enabled:
-            self._igmp.add(device)
-        else:
-            self._igmp.discard(device)
-        results += [ItemResult(item=item_key(i), status=ItemStatus.APPLIED) for i in mine]
-        return results
+        wants = wants_of(config)
+        self._wants[config.device_id] = wants
+        detail = {"reservation": str(wants.reservation.address)} if wants.reservation else {}
+        return [ItemResult(item=key, status=ItemStatus.APPLIED, detail=detail.get(key, ""))
+                for key in wants.items]
 
     def remove(self, device_id: str) -> None:
-        self._reservations.pop(device_id, None)
-        self._mappings.pop(device_id, None)
-        self._qos.pop(device_id, None)
-        self._igmp.discard(device_id)
+        self._wants.pop(device_id, None)
 
     def state(self) -> GatewayState:
-        return GatewayState(
-            driver=self.name, lan=str(self._lan.subnet),
-            reservations=sorted(self._reservations.values(), key=lambda r: r.address),
-            port_mappings=sorted((m for ms in self._mappings.values() for m in ms),
-                                 key=lambda m: (m.protocol, m.external_port)),
-            qos=sorted(self._qos.values(), key=lambda q: q.address),
-            igmp_proxy=bool(self._igmp), igmp_devices=sorted(self._igmp))
+        return gateway_state(self.name, self._lan, self._wants.values())
+
+    def close(self) -> None:
+        """Nothing runs."""
+
+
+class GatewayReporter:
+    """How a driver reports work it did in the background (retries) to the configurator.
+
+    The driver exists before the configurator it serves, so the callbacks are connected later;
+    until then reports are only logged.
+    """
+
+    def __init__(self) -> None:
+        self._event: Callable[..., None] | None = None
+        self._changed: Callable[[], None] | None = None
+
+    def connect(self, event: Callable[..., None], changed: Callable[[], None]) -> None:
+        """`event(name, severity, reason=...)` as Configurator.event; `changed()` republishes `gateway/state`."""
+        self._event, self._changed = event, changed
+
+    def event(self, name: str, severity: Severity, reason: str) -> None:
+        if self._event is None:
+            log.log(logging.ERROR if severity == Severity.ERROR else logging.INFO, "%s: %s", name, reason)
+        else:
+            self._event(name, severity, reason=reason)
+
+    def changed(self) -> None:
+        if self._changed is not None:
+            self._changed()

@@ -1,6 +1,8 @@
 """Device lifecycle on the configurator side.
 
-Theory of operation: a device is `registered` when its first valid `register` is accepted.
+Theory of operation: a device's first valid `register` is accepted at once (enrollment
+`auto`), or held `pending` until the owner approves it or enters its pairing code; a pending
+device can also be `rejected`, and stays so. An accepted device is `registered`.
 Evaluation either yields a configuration (`configuring`: a config version was sent and no
 result for it has arrived) or fails (`unplanned`: e.g. no free address; retried on the next
 register/info). A `config.result` for the current version moves it to `configured` (every item
@@ -22,6 +24,8 @@ class State(StrEnum):
     CONFIGURED = "configured"
     FAILED = "failed"
     UNPLANNED = "unplanned"
+    PENDING = "pending"
+    REJECTED = "rejected"
 
 
 class Event(StrEnum):
@@ -30,6 +34,9 @@ class Event(StrEnum):
     PLAN_FAILED = "plan_failed"
     RESULT_OK = "result_ok"
     RESULT_FAILED = "result_failed"
+    HOLD = "hold"
+    APPROVE = "approve"
+    REJECT = "reject"
 
 
 class LifecycleError(Exception):
@@ -40,6 +47,11 @@ _PLANNABLE = (State.REGISTERED, State.CONFIGURING, State.CONFIGURED, State.FAILE
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.NEW, Event.ACCEPT): State.REGISTERED,
+    (State.NEW, Event.HOLD): State.PENDING,
+    (State.PENDING, Event.HOLD): State.PENDING,
+    (State.PENDING, Event.ACCEPT): State.REGISTERED,  # enrollment switched to auto meanwhile
+    (State.PENDING, Event.APPROVE): State.REGISTERED,
+    (State.PENDING, Event.REJECT): State.REJECTED,
     **{(s, Event.ACCEPT): s for s in _PLANNABLE},
     **{(s, Event.CONFIG_SENT): State.CONFIGURING for s in _PLANNABLE},
     **{(s, Event.PLAN_FAILED): State.UNPLANNED for s in _PLANNABLE},

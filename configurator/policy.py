@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Address
 
 from homenet.schemas.messages import (DSCP, ConfigItem, DeviceInfo, IgmpItem, Interface, Ipv4Item,
-                                      PortMappingItem, QosItem)
+                                      PortMappingItem, QosItem, Target)
 
 from .ipam import AddressExhausted, LanPlan, addresses_of, plan_address
 from .ports import PortKey, PortsExhausted, allocate
@@ -29,6 +29,19 @@ class NetworkView:
     lan: LanPlan
     addresses: Mapping[IPv4Address, str] = field(default_factory=dict)
     ports: Mapping[PortKey, str] = field(default_factory=dict)
+    gateway: str = "memory"
+    """The gateway driver's name: it decides which side carries some items (`AGENT_SIDE`)."""
+
+
+AGENT_SIDE: Mapping[str, frozenset[str]] = {"upnp": frozenset({"port_mapping"})}
+"""Item kinds the agent carries out instead of the gateway driver, per gateway kind. A
+third-party router is reached by UPnP IGD, and one in secure mode maps a port only to the
+address that asks for it: the device itself must ask (IEC 62608 foresees the delegation)."""
+
+
+def target(gateway: str, kind: str) -> Target:
+    """Who carries out items of `kind` with this gateway; the agent always sets its own `ipv4`."""
+    return Target.AGENT if kind == "ipv4" or kind in AGENT_SIDE.get(gateway, ()) else Target.GATEWAY
 
 
 @dataclass(frozen=True)
@@ -64,6 +77,7 @@ def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = (
                                reported=addresses_of(iface.addresses), in_use=view.addresses)
         mappings = [
             PortMappingItem(protocol=need.protocol, internal_port=need.port, description=need.description,
+                            target=target(view.gateway, "port_mapping"),
                             external_port=allocate(info.device_id, need.protocol, need.port,
                                                    previous=prev_ports.get((need.protocol, need.port)),
                                                    in_use=view.ports))
@@ -74,9 +88,9 @@ def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = (
     items: list[ConfigItem] = [
         Ipv4Item(interface=iface.name, mac=iface.mac, address=address,
                  prefix_len=lan.subnet.prefixlen, gateway=lan.gateway, dns=list(lan.dns)),
-        QosItem(qos_class=profile.qos, dscp=DSCP[profile.qos]),
+        QosItem(qos_class=profile.qos, dscp=DSCP[profile.qos], target=target(view.gateway, "qos")),
         *mappings,
     ]
     if profile.igmp:
-        items.append(IgmpItem(enabled=True))
+        items.append(IgmpItem(enabled=True, target=target(view.gateway, "igmp")))
     return Plan(profile, items)

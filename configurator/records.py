@@ -31,6 +31,10 @@ class DeviceRecord(BaseModel):
     """The exact retained `config` payload, republished byte for byte after a broker restart."""
     result: ConfigResult | None = None
     error: str = ""
+    public_key: str | None = None
+    """The Ed25519 key bound to this device id at its first registration (base64)."""
+    register_id: str = ""
+    """Id of the last `register`, so an approval later can answer it."""
     last_seq: int = 0
     first_seen: str = Field(default_factory=now)
     updated: str = Field(default_factory=now)

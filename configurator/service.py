@@ -18,7 +18,9 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
-from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode
+from homenet.keys import KeyPair
+from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
+from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
                                       Event as EventBody, Ipv4Item, ItemStatus, Model, PortMappingItem,
@@ -44,8 +46,10 @@ class Rejected(Exception):
 
 
 class Configurator:
-    def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver) -> None:
+    def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
+                 key: KeyPair) -> None:
         self.settings = settings
+        self.key = key
         self.store = store
         self.driver = driver
         self.topics = Topics(settings.root)
@@ -85,8 +89,9 @@ class Configurator:
         self.client.loop_stop()
 
     def _state_payload(self, state: str) -> bytes:
-        body = ConfiguratorState(state=state, configurator_id=self.sender, epoch=self.epoch)
-        return encode("configurator.state", body, sender=self.sender, seq=self._seq.next())[1]
+        body = ConfiguratorState(state=state, configurator_id=self.sender, epoch=self.epoch,
+                                 public_key=b64(self.key.public))
+        return encode("configurator.state", body, sender=self.sender, seq=self._seq.next(), sign=self.key.sign)[1]
 
     def _on_connect(self, client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         if reason.is_failure:
@@ -116,7 +121,7 @@ class Configurator:
     # --- publishing ----------------------------------------------------------------------
 
     def _publish(self, topic: str, kind: str, body: Model, *, retain: bool = False) -> str:
-        msg_id, payload = encode(kind, body, sender=self.sender, seq=self._seq.next())
+        msg_id, payload = encode(kind, body, sender=self.sender, seq=self._seq.next(), sign=self.key.sign)
         self.client.publish(topic, payload, qos=1, retain=retain)
         return msg_id
 
@@ -165,6 +170,8 @@ class Configurator:
                     return
                 raise Rejected(f"replayed or out of order: seq {envelope.seq} is not above "
                                f"{record.last_seq}, the last accepted from {topic.device_id}")
+            if envelope.kind != "register":  # a register may bring the key; its handler checks
+                self._check_signature(envelope, record)
             self._handlers[envelope.kind](msg.topic, envelope, body, record)
         except (TopicError, ContractError, Rejected) as exc:
             self.event("message.rejected", Severity.WARNING, device_id=sender, topic=msg.topic,
@@ -191,18 +198,56 @@ class Configurator:
     def _on_command(self, payload: bytes) -> None:
         envelope, command = decode(payload, expected_kind="command")
         try:
-            result = {"forget": self._forget}[command.op](command)
+            handler = {"forget": self._forget, "approve": self._approve, "reject": self._reject,
+                       "pair": self._pair, "reset": self._reset}[command.op]
+            result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
         except Rejected as exc:
             log.warning("command %s from %s refused: %s", command.op, envelope.sender, exc)
             reply = CommandReply(re=envelope.id, ok=False, error=str(exc))
         self._publish(self.topics.command_reply, "command.reply", reply)
 
-    def _forget(self, command: Command) -> dict[str, Any]:
-        """Remove the device and everything set for it; if it comes back it registers afresh."""
-        record = self.store.get(command.device_id)
+    def _known(self, command: Command, *states: State) -> DeviceRecord:
+        record = self.store.get(command.device_id or "")
         if record is None:
             raise Rejected(f"no device {command.device_id!r}")
+        if states and record.state not in states:
+            raise Rejected(f"{record.device_id} is {record.state.value}, not {' or '.join(s.value for s in states)}")
+        return record
+
+    def _approve(self, command: Command) -> dict[str, Any]:
+        record = self._accept(self._known(command, State.PENDING), Event.APPROVE)
+        self.event("device.approved", device_id=record.device_id)
+        return {"device_id": record.device_id, "address": record.address}
+
+    def _reject(self, command: Command) -> dict[str, Any]:
+        record = self._known(command, State.PENDING)
+        record = record.model_copy(update={"state": advance(record.state, Event.REJECT), "updated": now()})
+        self.store.put(record)
+        self._reply(record.device_id, record.register_id, RegisterStatus.REJECTED, "rejected by the owner")
+        self.event("device.rejected", Severity.WARNING, device_id=record.device_id, reason="rejected by the owner")
+        return {"device_id": record.device_id}
+
+    def _pair(self, command: Command) -> dict[str, Any]:
+        code = command.code.strip()
+        waiting = [r for r in self.store.all() if r.state == State.PENDING and r.public_key
+                   and pairing_code(unb64(r.public_key) or b"") == code]
+        if len(waiting) != 1:
+            self.event("pairing.failed", Severity.WARNING, reason=f"no device is waiting with pairing code {code!r}")
+            raise Rejected(f"no device is waiting with pairing code {code!r}")
+        return self._approve(Command(op="approve", device_id=waiting[0].device_id))
+
+    def _reset(self, command: Command) -> dict[str, Any]:
+        """Unbind the device's key (e.g. a reinstalled agent): its next register binds a new one."""
+        record = self._known(command)
+        self.store.put(record.model_copy(update={"public_key": None, "last_seq": 0, "updated": now()}))
+        self.event("device.reset", Severity.WARNING, device_id=record.device_id,
+                   reason="key binding cleared by the operator")
+        return {"device_id": record.device_id}
+
+    def _forget(self, command: Command) -> dict[str, Any]:
+        """Remove the device and everything set for it; if it comes back it registers afresh."""
+        record = self._known(command)
         self.store.delete(record.device_id)
         self.driver.remove(record.device_id)
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
@@ -227,21 +272,68 @@ class Configurator:
         raise Rejected(f"config version {config.version} is not the current one "
                        f"({record.version if record else 0}): stale or replayed; current config restored")
 
+    def _check_signature(self, envelope: Envelope, record: DeviceRecord | None) -> None:
+        key = unb64(record.public_key) if record and record.public_key else None
+        if key is None:
+            raise Rejected(f"{envelope.kind} from {envelope.sender}, which has no enrolled key")
+        if not signed_by(envelope, key):
+            raise Rejected(f"bad or missing signature: {envelope.kind} not signed by the key "
+                           f"bound to {envelope.sender} ({fingerprint(key)})")
+
     def _on_register(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:
+        key = unb64(info.public_key or "")
+        if key is None or len(key) != 32:
+            raise Rejected("register without a valid Ed25519 public_key")
+        if record is not None and record.public_key and record.public_key != info.public_key:
+            if signed_by(envelope, key):  # the alert is for a real key change, not for noise
+                self.event("device.key_mismatch", Severity.ERROR, device_id=record.device_id,
+                           reason=f"registered with key {fingerprint(key)}, but key "
+                                  f"{fingerprint(unb64(record.public_key) or b'')} is bound to this id; "
+                                  f"refused until `homenet devices reset {record.device_id}`")
+                self._reply(record.device_id, envelope.id, RegisterStatus.REJECTED,
+                            "another key is bound to this device id")
+                return
+            raise Rejected("bad signature on a register carrying another key")
+        if not signed_by(envelope, key):
+            raise Rejected(f"bad or missing signature: register not signed by the key it carries ({fingerprint(key)})")
+        if record is not None and record.state == State.REJECTED:
+            self._reply(record.device_id, envelope.id, RegisterStatus.REJECTED, "rejected by the owner")
+            return
         is_new = record is None
-        record = record or DeviceRecord(device_id=info.device_id, info=info)
-        record = record.model_copy(update={
+        record = (record or DeviceRecord(device_id=info.device_id, info=info)).model_copy(update={
             "info": info, "last_seq": envelope.seq, "online": True, "updated": now(),
-            "state": advance(record.state, Event.ACCEPT)})
-        record, planned = self._plan(record)
-        self.store.put(record)
+            "public_key": info.public_key, "register_id": envelope.id})
         if is_new:
-            self.event("device.registered", device_id=record.device_id,
+            self.event("device.registered", device_id=record.device_id, key=fingerprint(key),
                        device_type=info.device_type, model=info.model)
-        reply = RegisterReply(re=envelope.id, status=RegisterStatus.ACCEPTED,
-                              config_version=record.version, reason=record.error)
-        self._publish(self.topics.device(record.device_id, "register/reply"), "register.reply", reply)
+        if record.state in (State.NEW, State.PENDING) and self.settings.enrollment != "auto":
+            self._hold(record)
+        else:
+            self._accept(record, Event.ACCEPT)
+
+    def _hold(self, record: DeviceRecord) -> None:
+        """Enrollment needs the owner: the device waits, told how to let it in."""
+        record = record.model_copy(update={"state": advance(record.state, Event.HOLD)})
+        self.store.put(record)
+        how = (f"waiting for the owner: homenet devices approve {record.device_id}"
+               if self.settings.enrollment == "approve" else
+               "waiting for the owner to enter the pairing code this device shows: homenet devices pair CODE")
+        self.event("device.pending", Severity.WARNING, device_id=record.device_id, reason=how)
+        self._reply(record.device_id, record.register_id, RegisterStatus.PENDING, how)
+
+    def _accept(self, record: DeviceRecord, event: Event) -> DeviceRecord:
+        """Enrolled: plan, commit, then answer the device's last register and publish its config."""
+        record, planned = self._plan(record.model_copy(update={"state": advance(record.state, event)}))
+        self.store.put(record)
+        self._reply(record.device_id, record.register_id, RegisterStatus.ACCEPTED, record.error,
+                    record.version)
         self._after_commit(record, planned)
+        return record
+
+    def _reply(self, device_id: str, register_id: str, status: RegisterStatus, reason: str,
+               version: int = 0) -> None:
+        reply = RegisterReply(re=register_id, status=status, config_version=version, reason=reason)
+        self._publish(self.topics.device(device_id, "register/reply"), "register.reply", reply)
 
     def _on_info(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:
         if record is None:
@@ -313,7 +405,7 @@ class Configurator:
             return record, False
         config = Config(device_id=record.device_id, version=record.version + 1, epoch=self.epoch,
                         profile=plan.profile.name, items=plan.items)
-        _, payload = encode("config", config, sender=self.sender, seq=self._seq.next())
+        _, payload = encode("config", config, sender=self.sender, seq=self._seq.next(), sign=self.key.sign)
         return record.model_copy(update={
             "config": config, "config_payload": payload.decode(), "profile": plan.profile.name,
             "error": "", "state": advance(record.state, Event.CONFIG_SENT)}), True

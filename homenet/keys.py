@@ -2,15 +2,15 @@
 
 from __future__ import annotations
 
-import base64
-import hashlib
 from pathlib import Path
 
-from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from homenet.durable import write_atomic
+from homenet.schemas.signing import b64, fingerprint, verify
+
+__all__ = ["KeyPair", "b64", "fingerprint", "verify"]
 
 
 class KeyPair:
@@ -39,20 +39,3 @@ class KeyPair:
 
     def sign(self, data: bytes) -> bytes:
         return self._private.sign(data)
-
-
-def verify(public: bytes, signature: bytes, data: bytes) -> bool:
-    try:
-        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
-        return True
-    except (InvalidSignature, ValueError):
-        return False
-
-
-def b64(public: bytes) -> str:
-    return base64.b64encode(public).decode()
-
-
-def fingerprint(public: bytes) -> str:
-    """Short, readable key id for logs: the first 8 bytes of its SHA-256, hex."""
-    return hashlib.sha256(public).hexdigest()[:16]

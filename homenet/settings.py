@@ -59,13 +59,41 @@ class BrokerSettings(Section):
     max_payload: int = Field(default=256 * 1024, ge=1024)
 
 
+IfName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")]
+"""A Linux interface name (IFNAMSIZ); the pattern also keeps it safe to write into nft rules."""
+
+
+class GatewayDriverSettings(Section):
+    """Where the `linux` driver acts on the gateway it runs on (docs/gateway.md)."""
+
+    lan_interface: IfName = "br0"
+    wan_interface: IfName = "eth0"
+    wan_rate_kbit: int = Field(default=1_000_000, ge=64)
+    """Uplink rate shared by the htb priority classes on the WAN."""
+    dnsmasq_hosts: Path = Path("/var/lib/homenet/dnsmasq-hosts")
+    """Owned by homenet, given to dnsmasq as `dhcp-hostsfile=`; rewritten whole on change."""
+    dnsmasq_pidfile: Path = Path("/run/dnsmasq/dnsmasq.pid")
+    """Where dnsmasq writes its pid: it is sent SIGHUP to re-read the hosts file."""
+    igmpproxy: str = "igmpproxy"
+    igmpproxy_conf: Path = Path("/run/homenet/igmpproxy.conf")
+    """igmpproxy runs as the configurator's child while a device needs it, with this config."""
+    retry_max: float = Field(default=60.0, gt=0)
+    """Longest wait, in seconds, between retries of a failed gateway operation (backoff from 1 s)."""
+
+
 class ConfiguratorSettings(Section):
     broker: BrokerUrlText = "mqtt://127.0.0.1:1883"
     root: str = DEFAULT_ROOT
     configurator_id: str = "configurator"
     data_dir: Path = Field(default_factory=lambda: default_data_dir("gateway"))
-    gateway_driver: Literal["memory"] = "memory"
+    gateway_driver: Literal["memory", "linux", "upnp"] = "memory"
+    """memory: record only; linux: nftables, tc, dnsmasq, igmpproxy on this host; upnp: a
+    third-party router, reached by its devices' agents (port mappings go to them)."""
+    gateway: GatewayDriverSettings = Field(default_factory=GatewayDriverSettings)
     lan: LanSettings = Field(default_factory=LanSettings)
+    enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
+    """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
+    wait for the code the device shows, entered with `homenet devices pair`."""
 
 
 class BeaconSettings(Section):

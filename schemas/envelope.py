@@ -10,11 +10,13 @@ from __future__ import annotations
 import json
 import uuid
 from datetime import datetime, timezone
+from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .messages import BODIES, Model
+from .signing import b64, unb64, verify
 
 MAX_PAYLOAD = 64 * 1024
 """Largest payload a homenet service accepts; the embedded broker's own limit is larger."""
@@ -26,6 +28,8 @@ class ContractError(ValueError):
 
 class Envelope(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, populate_by_name=True)
+    _signed: bytes = PrivateAttr(default=b"")
+    """Canonical bytes of the envelope as received, without `sig`: what the signature covers."""
 
     v: Literal[1] = 1
     kind: Annotated[str, Field(max_length=32)]
@@ -42,8 +46,9 @@ def canonical(obj: Any) -> bytes:
     return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
-def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None = None) -> tuple[str, bytes]:
-    """Wrap a body in an envelope; return (message id, payload bytes)."""
+def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None = None,
+           sign: Callable[[bytes], bytes] | None = None) -> tuple[str, bytes]:
+    """Wrap a body in an envelope, signed when `sign` is given; return (message id, payload)."""
     if BODIES.get(kind) is not type(body):
         raise ContractError(f"kind {kind!r} does not carry a {type(body).__name__}")
     msg_id = msg_id or uuid.uuid4().hex
@@ -56,7 +61,17 @@ def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None 
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "body": body.model_dump(mode="json"),
     }
+    if sign is not None:
+        envelope["sig"] = b64(sign(canonical(envelope)))
     return msg_id, canonical(envelope)
+
+
+def signed_by(envelope: Envelope, public: bytes | None) -> bool:
+    """True when the envelope carries a valid signature by `public`."""
+    if public is None or envelope.sig is None:
+        return False
+    signature = unb64(envelope.sig)
+    return signature is not None and verify(public, signature, envelope._signed)
 
 
 def _describe(exc: ValidationError) -> str:
@@ -87,6 +102,7 @@ def decode(payload: bytes, *, expected_kind: str | None = None,
         raise ContractError(f"unknown kind {envelope.kind!r}")
     if expected_kind is not None and envelope.kind != expected_kind:
         raise ContractError(f"kind {envelope.kind!r} on a topic that carries {expected_kind!r}")
+    envelope._signed = canonical({k: v for k, v in raw.items() if k != "sig"})
     try:
         body = model.model_validate(envelope.body)
     except ValidationError as exc:

@@ -204,8 +204,10 @@ class RpcReply(Model):
 class Command(Model):
     """An operator's request to the configurator (the `homenet devices ...` commands)."""
 
-    op: Literal["forget"]
-    device_id: DeviceId
+    op: Literal["forget", "approve", "reject", "pair", "reset"]
+    device_id: DeviceId | None = None
+    code: Annotated[str, Field(max_length=16)] = ""
+    """The pairing code, for `pair`."""
 
 
 class CommandReply(Model):

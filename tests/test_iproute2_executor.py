@@ -234,8 +234,7 @@ def test_an_agent_reports_rolled_back_and_keeps_its_applied_version(tmp_path: Pa
         device = open_device(settings)
         # by name, so only the closed endpoint below counts for the check
         url = replace(BrokerUrl.parse(broker.url), host="localhost")
-        agent = Agent(settings, device.device_id, device.state, device.collector, device.executor, url,
-                      verify=[("127.0.0.1", free_port()), ("fe80::1", 1883)])
+        agent = Agent(device, url, verify=[("127.0.0.1", free_port()), ("fe80::1", 1883)])
         gateway.agents.append(agent)
         agent.start()
 

@@ -1,0 +1,41 @@
+"""Ed25519 signatures over the canonical encoding, and key encodings used on the wire."""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+
+
+def verify(public: bytes, signature: bytes, data: bytes) -> bool:
+    try:
+        Ed25519PublicKey.from_public_bytes(public).verify(signature, data)
+        return True
+    except (InvalidSignature, ValueError):
+        return False
+
+
+def b64(raw: bytes) -> str:
+    return base64.b64encode(raw).decode()
+
+
+def unb64(text: str) -> bytes | None:
+    """Decoded bytes, or None for text that is not base64."""
+    try:
+        return base64.b64decode(text, validate=True)
+    except (binascii.Error, ValueError):
+        return None
+
+
+def fingerprint(public: bytes) -> str:
+    """Short, readable key id for logs: the first 8 bytes of its SHA-256, hex."""
+    return hashlib.sha256(public).hexdigest()[:16]
+
+
+def pairing_code(public: bytes) -> str:
+    """Six digits derived from a device's key, shown by the device, typed by its owner."""
+    number = int.from_bytes(hashlib.sha256(b"homenet-pairing:" + public).digest()[:8], "big") % 1_000_000
+    return f"{number // 1000:03d}-{number % 1000:03d}"
