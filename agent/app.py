@@ -8,7 +8,7 @@ from homenet.keys import KeyPair
 from homenet.mqtt import BrokerUrl
 from homenet.settings import AgentSettings
 
-from . import iproute2
+from . import iproute2, networkmanager
 from .collector import Collector, LinuxCollector
 from .device import Device
 from .executor import Executor, SimulatedCollector, SimulatedExecutor
@@ -39,13 +39,24 @@ def open_device(settings: AgentSettings) -> Device:
         executor, collector = simulated, SimulatedCollector(device_id, simulated)
     else:
         collector = LinuxCollector()
-        if settings.executor == "iproute2" or (settings.executor == "auto" and iproute2.usable()):
-            executor = iproute2.Iproute2Executor(settings.resolv_conf)
-        else:
-            executor = SimulatedExecutor(settings.data_dir)
+        executor = _real_executor(settings)
     key = KeyPair.load_or_create(settings.data_dir / "agent.key")
     pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
     return Device(settings, device_id, state, collector, executor, key, pinned)
+
+
+def _real_executor(settings: AgentSettings) -> Executor:
+    """`auto`: NetworkManager when it runs (it would undo changes made behind its back), else
+    iproute2 with CAP_NET_ADMIN, else simulated."""
+    choice = settings.executor
+    if choice == "auto":
+        choice = ("networkmanager" if networkmanager.detect() else
+                  "iproute2" if iproute2.usable() else "simulated")
+    if choice == "networkmanager":
+        return networkmanager.NetworkManagerExecutor()
+    if choice == "iproute2":
+        return iproute2.Iproute2Executor(settings.resolv_conf)
+    return SimulatedExecutor(settings.data_dir)
 
 
 def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None,

@@ -39,7 +39,7 @@ def _settings(config: Path | None, **flags: object) -> AgentSettings:
 @click.option("--model", help="Model name reported to the configurator.")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False), help="State directory.")
 @click.option("--collector", type=click.Choice(["linux", "simulated"]), help="Where device info comes from.")
-@click.option("--executor", type=click.Choice(["auto", "simulated", "iproute2"]),
+@click.option("--executor", type=click.Choice(["auto", "simulated", "iproute2", "networkmanager"]),
               help="How settings are applied: iproute2 (netlink), simulated (recorded only), or auto "
               "(default: iproute2 on Linux with CAP_NET_ADMIN and the linux collector, else simulated).")
 @click.option("--root", help="Topic root (default homenet/v1).")

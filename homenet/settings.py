@@ -119,7 +119,7 @@ class AgentSettings(Section):
     device_type: str = "generic"
     model: str = ""
     data_dir: Path = Field(default_factory=lambda: default_data_dir("agent"))
-    executor: Literal["auto", "simulated", "iproute2"] = "auto"
+    executor: Literal["auto", "simulated", "iproute2", "networkmanager"] = "auto"
     """How config items are carried out. `auto` picks `iproute2` (changes the system over
     netlink) when the agent runs on Linux with CAP_NET_ADMIN in effect (root, or a unit with
     `AmbientCapabilities=CAP_NET_ADMIN`) and reports the real interfaces (collector `linux`);
@@ -143,7 +143,7 @@ class AgentSettings(Section):
     @classmethod
     def _simulated_pair(cls, value: str, info: ValidationInfo) -> str:
         """The simulated collector reports the simulated executor's address: a real one would lie."""
-        if value == "simulated" and info.data.get("executor") == "iproute2":
+        if value == "simulated" and info.data.get("executor") in ("iproute2", "networkmanager"):
             raise ValueError("the simulated collector needs executor 'simulated' (or 'auto')")
         return value
 
