@@ -22,7 +22,7 @@ from homenet.settings import BrokerSettings
 log = logging.getLogger(__name__)
 
 
-def broker_config(settings: BrokerSettings) -> dict[str, Any]:
+def broker_config(settings: BrokerSettings, root: str) -> dict[str, Any]:
     """amqtt configuration: our listeners and our auth plugin, none of amqtt's defaults."""
     listeners: dict[str, Any] = {}
     for n, bind in enumerate(settings.listeners):
@@ -30,13 +30,15 @@ def broker_config(settings: BrokerSettings) -> dict[str, Any]:
     return {
         "listeners": listeners,
         "timeout_disconnect_delay": 0,
-        "plugins": {"homenet.broker.auth.ClientIdAuthPlugin": {}},
+        "plugins": {"homenet.broker.auth.HomenetAuthPlugin": {
+            "accounts_file": str(settings.accounts_file) if settings.accounts_file else None,
+            "root": root}},
     }
 
 
 class HomenetBroker(Broker):
     def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
-        super().__init__(broker_config(settings))
+        super().__init__(broker_config(settings, topics.root))
         self.max_payload = settings.max_payload
         self.topics = topics
 
@@ -49,6 +51,17 @@ class HomenetBroker(Broker):
             await self._event(client_session.client_id, message.topic, reason)
             return True
         return await super()._handle_message_delivery(client_session, handler, wait_deliver)
+
+    async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
+        """Ask our ACL directly, without yielding to the event loop.
+
+        amqtt 0.12.1 awaits the topic plugins (through tasks) inside `_run_broadcast` while it
+        iterates `self._subscriptions`; a SUBSCRIBE handled during that await changes the dict
+        and the broadcast dies with "dictionary changed size during iteration" (the message
+        is lost). A check that never suspends cannot interleave.
+        """
+        plugin = self.plugins_manager.get_plugin("HomenetAuthPlugin")
+        return plugin is None or plugin.allowed(session, topic, action)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],
                                                           session: Any) -> None:

@@ -57,6 +57,8 @@ class BrokerSettings(Section):
     """amqtt bind strings. `:::PORT` is IPv6 only (asyncio sets IPV6_V6ONLY), so IPv4 needs
     its own listener; amqtt refuses `[::]:PORT`."""
     max_payload: int = Field(default=256 * 1024, ge=1024)
+    accounts_file: Path | None = None
+    """Broker accounts written by the configurator; None admits any well-formed client id."""
 
 
 IfName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")]

@@ -1,0 +1,93 @@
+"""Broker accounts: the file the configurator writes and the embedded broker reads.
+
+Every password is made by homenet (32 random bytes, URL-safe), never chosen by a person, so a
+salted SHA-256 is enough: a slow hash protects guessable passwords, and these are not
+guessable. The file holds only hashes; it is replaced atomically.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import hmac
+import os
+import secrets
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+from homenet.acl import Role
+from homenet.durable import read_json, write_json_atomic
+
+
+def new_password() -> str:
+    return secrets.token_urlsafe(32)
+
+
+def hash_password(password: str, salt: str | None = None) -> str:
+    salt = salt or secrets.token_hex(8)
+    return f"sha256${salt}${hashlib.sha256((salt + password).encode()).hexdigest()}"
+
+
+def check_password(password: str, stored: str) -> bool:
+    try:
+        scheme, salt, _digest = stored.split("$")
+    except ValueError:
+        return False
+    return scheme == "sha256" and hmac.compare_digest(hash_password(password, salt), stored)
+
+
+@dataclass(frozen=True)
+class Account:
+    name: str
+    role: Role
+    hash: str
+
+
+class Accounts:
+    """The accounts file, re-read when it changes on disk (the broker may be another process)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._stamp: tuple[int, int] | None = None
+        self._accounts: dict[str, Account] = {}
+
+    def _load(self) -> dict[str, Account]:
+        try:
+            st = os.stat(self.path)
+            stamp = (st.st_mtime_ns, st.st_size)
+        except FileNotFoundError:
+            return {}
+        if stamp != self._stamp:
+            raw = read_json(self.path, {}).get("accounts", {})
+            self._accounts = {n: Account(n, Role(a["role"]), a["hash"]) for n, a in raw.items()}
+            self._stamp = stamp
+        return self._accounts
+
+    def get(self, name: str) -> Account | None:
+        with self._lock:
+            return self._load().get(name)
+
+    def all(self) -> list[Account]:
+        with self._lock:
+            return sorted(self._load().values(), key=lambda a: a.name)
+
+    def authenticate(self, name: str, password: str) -> Account | None:
+        account = self.get(name)
+        return account if account and check_password(password, account.hash) else None
+
+    def set(self, name: str, role: Role) -> str:
+        """Create or replace an account; returns its new password (the file keeps only a hash)."""
+        password = new_password()
+        with self._lock:
+            self._save({**self._load(), name: Account(name, role, hash_password(password))})
+        return password
+
+    def remove(self, name: str) -> None:
+        with self._lock:
+            self._save({n: a for n, a in self._load().items() if n != name})
+
+    def _save(self, accounts: dict[str, Account]) -> None:
+        write_json_atomic(self.path, {"accounts": {a.name: {"role": a.role.value, "hash": a.hash}
+                                                   for a in accounts.values()}})
+        self._stamp = None
