@@ -33,4 +33,5 @@ class Device:
             device_id=self.device_id, device_type=self.settings.device_type, model=self.settings.model,
             hostname=self.collector.hostname(), agent_version=__version__,
             capabilities=[f"executor:{self.executor.name}"], interfaces=self.collector.interfaces(),
-            applied_version=self.state.state.applied_version, public_key=b64(self.key.public))
+            applied_version=self.state.state.applied_version, public_key=b64(self.key.public),
+            needs_credentials=self.state.state.username is None)

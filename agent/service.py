@@ -69,11 +69,7 @@ class Agent:
         self._stop = threading.Event()
         self.registered = threading.Event()
         self.confirmed = threading.Event()
-        self.client = make_client(self.device_id, clean_session=False,
-                                  will=(self._topic("status"), b'{"state":"offline"}'))
-        self.client.on_connect = self._on_connect
-        self.client.on_disconnect = self._on_disconnect
-        self.client.on_message = self._on_message
+        self.client = self._new_client()
         self._routes: dict[str, Callable[[paho.MQTTMessage], None]] = {
             self.topics.configurator_state: self._on_configurator_state,
             self._topic("register/reply"): self._on_register_reply,
@@ -82,6 +78,25 @@ class Agent:
         }
         if state.state.applied_version:
             self.confirmed.set()
+
+    def _new_client(self) -> paho.Client:
+        """A paho client logging in with the account in the state, anonymously without one."""
+        state = self.state.state
+        client = make_client(self.device_id, clean_session=False, username=state.username,
+                             password=state.password, will=(self._topic("status"), b'{"state":"offline"}'))
+        client.on_connect, client.on_disconnect, client.on_message = (
+            self._on_connect, self._on_disconnect, self._on_message)
+        return client
+
+    def _relogin(self) -> None:
+        """Connect again with the account now in the state. Runs on its own thread: the old
+        client's network thread (where the reason arrived) cannot stop itself."""
+        old, self.client = self.client, self._new_client()
+        old.disconnect()
+        old.loop_stop()
+        if not self._stop.is_set():
+            self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+            self.client.loop_start()
 
     def _topic(self, channel: str) -> str:
         return self.topics.device(self.device_id, channel)
@@ -134,6 +149,10 @@ class Agent:
     def _on_connect(self, client: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         if reason.is_failure:
             log.error("broker %s refused the agent: %s", self.broker, reason)
+            if self.state.state.username and reason.value in (134, 135):  # bad credentials, not authorized
+                log.warning("dropping the broker account; enrolling again anonymously")
+                self.state.update(username=None, password=None)
+                threading.Thread(target=self._relogin, daemon=True).start()
             return
         set_nodelay(client)
         with self._lock:
@@ -189,6 +208,11 @@ class Agent:
         if reply.status == RegisterStatus.ACCEPTED:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
+            if reply.credentials:
+                self.state.update(username=reply.credentials["username"], password=reply.credentials["password"])
+                log.info("received broker account %s; logging in with it", reply.credentials["username"])
+                threading.Thread(target=self._relogin, daemon=True).start()
+                return
             self.registered.set()
             self._send_info_if_changed()  # e.g. a config applied before this reply arrived
         else:

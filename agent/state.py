@@ -17,6 +17,9 @@ class AgentState(BaseModel):
     seq_reserved: int = 0
     applied_version: int = 0
     applied_config_id: str = ""
+    username: str | None = None
+    password: str | None = None
+    """Broker account issued at enrollment (this file is owner-only)."""
     beacon_epoch: int = 0
     beacon_counter: int = 0
     """The newest beacon accepted: an older (epoch, counter) is a replay and is ignored."""

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 from pathlib import Path
 
+from homenet.accounts import Accounts, ensure_account
+from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.settings import ConfiguratorSettings, LanSettings
 
@@ -14,6 +16,8 @@ from .store import TinyStore
 
 DB_NAME = "homenet-db.json"
 KEY_NAME = "configurator.key"
+ADMIN, ADMIN_SECRET = "admin", "admin.secret"
+"""The gateway's local operator account: `homenet devices ...` on the gateway logs in with it."""
 
 
 def db_path(data_dir: Path) -> Path:
@@ -39,7 +43,13 @@ def make_driver(settings: ConfiguratorSettings, reporter: GatewayReporter) -> Ga
 def build(settings: ConfiguratorSettings) -> Configurator:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     reporter = GatewayReporter()
+    accounts = Accounts(settings.accounts_file) if settings.accounts_file else None
+    login = None
+    if accounts is not None:  # its own account, and the local operator's for the CLI
+        login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
+                                                settings.data_dir / "configurator.secret"))
+        ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
     configurator = Configurator(settings, TinyStore(db_path(settings.data_dir)), make_driver(settings, reporter),
-                                KeyPair.load_or_create(settings.data_dir / KEY_NAME))
+                                KeyPair.load_or_create(settings.data_dir / KEY_NAME), accounts, login)
     reporter.connect(configurator.event, configurator._publish_gateway_state)
     return configurator

@@ -74,11 +74,15 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "broker.listeners": list(listen) or None,
         "beacon.interfaces": list(beacon) or None})
+    # The broker authenticates every client against the accounts the configurator issues.
+    accounts = settings.broker.accounts_file or settings.configurator.data_dir / "broker-accounts.json"
+    broker_settings = settings.broker.model_copy(update={"accounts_file": accounts})
     conf_settings = settings.configurator.model_copy(
-        update={"broker": local_url(settings.broker.listeners[0])})
+        update={"broker": local_url(settings.broker.listeners[0]), "accounts_file": accounts})
 
     async def serve() -> None:
-        broker = EmbeddedBroker(settings.broker, _topics(conf_settings))
+        conf_settings.data_dir.mkdir(parents=True, exist_ok=True)
+        broker = EmbeddedBroker(broker_settings, _topics(conf_settings))
         await broker.start()
         configurator = build(conf_settings)
         sender = None
@@ -192,29 +196,91 @@ def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> 
     click.echo(device_detail(record))
 
 
-@devices.command("forget")
-@click.argument("device_id")
+BROKER = click.option("--broker", help="Broker of the running configurator (default: this gateway's).")
+
+
+def _device_command(op: str, done: str, help_text: str) -> None:
+    """`homenet devices OP DEVICE_ID`, sent to the running configurator."""
+
+    @devices.command(op, help=help_text)
+    @click.argument("device_id")
+    @CONFIG
+    @DATA_DIR
+    @BROKER
+    def run(device_id: str, config: Path | None, data_dir: Path | None, broker: str | None) -> None:
+        from homenet.schemas.messages import Command
+
+        reply = _command(config, data_dir, broker, Command(op=op, device_id=device_id))
+        address = reply.result.get("address")
+        click.echo(f"{done} {device_id}" + (f" ({address})" if address else ""))
+
+
+_device_command("forget", "forgot", "Remove a device and everything set for it on the gateway.")
+_device_command("approve", "approved", "Let a device waiting for approval in (enrollment 'approve').")
+_device_command("reject", "rejected", "Refuse a device waiting for approval; it stays refused.")
+_device_command("reset", "reset", "Unbind a device's key (e.g. reinstalled): its next registration binds a new one.")
+
+
+@devices.command("pair")
+@click.argument("code")
 @CONFIG
-@click.option("--broker", help="Broker of the running configurator (default: this gateway's).")
-def devices_forget(device_id: str, config: Path | None, broker: str | None) -> None:
-    """Remove a device and everything set for it on the gateway."""
-    reply = _command(config, broker, "forget", device_id)
-    click.echo(f"forgot {device_id}" + (f" (released {reply.result['address']})" if reply.result.get("address") else ""))
-
-
-def _command(config: Path | None, broker: str | None, op: str, device_id: str) -> Any:
+@DATA_DIR
+@BROKER
+def devices_pair(code: str, config: Path | None, data_dir: Path | None, broker: str | None) -> None:
+    """Let in the waiting device that shows this pairing code (enrollment 'pairing-code')."""
     from homenet.schemas.messages import Command
 
+    reply = _command(config, data_dir, broker, Command(op="pair", code=code))
+    click.echo(f"paired {reply.result['device_id']}")
+
+
+@main.group()
+def users() -> None:
+    """Operator accounts on the gateway's broker (e.g. for mosquitto_sub)."""
+
+
+@users.command("add")
+@click.argument("name")
+@click.option("--read-only", is_flag=True, help="May read the whole tree, publish nothing.")
+@CONFIG
+@DATA_DIR
+@BROKER
+def users_add(name: str, read_only: bool, config: Path | None, data_dir: Path | None, broker: str | None) -> None:
+    """Create (or renew) an operator account; prints its password once."""
+    from homenet.schemas.messages import Command
+
+    reply = _command(config, data_dir, broker, Command(op="user.add", user=name, read_only=read_only))
+    click.echo(f"{reply.result['role']} account {name}, password: {reply.result['password']}")
+
+
+@users.command("remove")
+@click.argument("name")
+@CONFIG
+@DATA_DIR
+@BROKER
+def users_remove(name: str, config: Path | None, data_dir: Path | None, broker: str | None) -> None:
+    """Remove an operator account."""
+    from homenet.schemas.messages import Command
+
+    _command(config, data_dir, broker, Command(op="user.remove", user=name))
+    click.echo(f"removed {name}")
+
+
+def _command(config: Path | None, data_dir: Path | None, broker: str | None, command: Any) -> Any:
+    from .app import ADMIN, ADMIN_SECRET
     from .operator import send_command
 
-    settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.broker": broker})
+    settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.broker": broker,
+                                                                  "configurator.data_dir": data_dir})
     url = broker or local_url(settings.broker.listeners[0])
+    secret = settings.configurator.data_dir / ADMIN_SECRET  # present on the gateway itself
+    login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
     try:
-        reply = send_command(url, Command(op=op, device_id=device_id), settings.configurator.root)
+        reply = send_command(url, command, settings.configurator.root, login)
     except (ConnectionError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.ok:
-        raise click.ClickException(f"{op} {device_id}: {reply.error}")
+        raise click.ClickException(f"{command.op} {command.device_id or command.user or command.code}: {reply.error}")
     return reply
 
 

@@ -16,7 +16,8 @@ from homenet.schemas import ContractError, Topics, decode, encode
 from homenet.schemas.messages import Command, CommandReply
 
 
-def send_command(url: str, command: Command, root: str, timeout: float = 10.0) -> CommandReply:
+def send_command(url: str, command: Command, root: str, login: tuple[str, str] | None = None,
+                 timeout: float = 10.0) -> CommandReply:
     broker = BrokerUrl.parse(url)
     topics = Topics(root)
     sender = f"operator-{uuid.uuid4().hex[:8]}"
@@ -24,7 +25,8 @@ def send_command(url: str, command: Command, root: str, timeout: float = 10.0) -
     msg_id, payload = encode("command", command, sender=sender, seq=time.time_ns() // 1_000_000)
     replies: list[CommandReply] = []
     done = threading.Event()
-    client = make_client(sender, clean_session=True)
+    client = make_client(sender, clean_session=True, username=login[0] if login else None,
+                         password=login[1] if login else None)
 
     def on_connect(c: Any, *_: Any) -> None:
         set_nodelay(c)

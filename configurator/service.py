@@ -18,6 +18,8 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.accounts import Accounts
+from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
 from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
@@ -47,9 +49,12 @@ class Rejected(Exception):
 
 class Configurator:
     def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 key: KeyPair) -> None:
+                 key: KeyPair, accounts: Accounts | None = None, login: tuple[str, str] | None = None) -> None:
+        """`accounts`: the broker accounts this configurator issues (None: no broker auth);
+        `login`: its own (username, password) on the broker."""
         self.settings = settings
         self.key = key
+        self.accounts = accounts
         self.store = store
         self.driver = driver
         self.topics = Topics(settings.root)
@@ -64,6 +69,7 @@ class Configurator:
         self._replanned = False
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
+                                  username=login[0] if login else None, password=login[1] if login else None,
                                   will=(self.topics.configurator_state, self._state_payload("offline")))
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
@@ -199,7 +205,8 @@ class Configurator:
         envelope, command = decode(payload, expected_kind="command")
         try:
             handler = {"forget": self._forget, "approve": self._approve, "reject": self._reject,
-                       "pair": self._pair, "reset": self._reset}[command.op]
+                       "pair": self._pair, "reset": self._reset, "user.add": self._user_add,
+                       "user.remove": self._user_remove}[command.op]
             result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
         except Rejected as exc:
@@ -241,14 +248,41 @@ class Configurator:
         """Unbind the device's key (e.g. a reinstalled agent): its next register binds a new one."""
         record = self._known(command)
         self.store.put(record.model_copy(update={"public_key": None, "last_seq": 0, "updated": now()}))
+        self._drop_account(record.device_id)
         self.event("device.reset", Severity.WARNING, device_id=record.device_id,
                    reason="key binding cleared by the operator")
         return {"device_id": record.device_id}
+
+    def _drop_account(self, name: str) -> None:
+        if self.accounts is not None and self.accounts.get(name) is not None:
+            self.accounts.remove(name)
+
+    def _user_add(self, command: Command) -> dict[str, Any]:
+        """An operator account for `mosquitto_sub` (read-only) or for these commands."""
+        name = command.user or ""
+        if self.accounts is None:
+            raise Rejected("this broker authenticates nobody: there are no accounts to add")
+        existing = self.accounts.get(name)
+        if self.store.get(name) is not None or (existing and existing.role not in (Role.READER, Role.OPERATOR)):
+            raise Rejected(f"{name!r} is the name of a device or service account")
+        role = Role.READER if command.read_only else Role.OPERATOR
+        password = self.accounts.set(name, role)
+        self.event("user.added", reason=f"{role.value} account {name}")
+        return {"username": name, "password": password, "role": role.value}
+
+    def _user_remove(self, command: Command) -> dict[str, Any]:
+        account = self.accounts.get(command.user or "") if self.accounts else None
+        if account is None or account.role not in (Role.READER, Role.OPERATOR):
+            raise Rejected(f"no operator account {command.user!r}")
+        self.accounts.remove(account.name)
+        self.event("user.removed", reason=f"{account.role.value} account {account.name}")
+        return {"username": account.name}
 
     def _forget(self, command: Command) -> dict[str, Any]:
         """Remove the device and everything set for it; if it comes back it registers afresh."""
         record = self._known(command)
         self.store.delete(record.device_id)
+        self._drop_account(record.device_id)
         self.driver.remove(record.device_id)
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
             self.client.publish(self.topics.device(record.device_id, channel), b"", qos=1, retain=True)
@@ -325,14 +359,20 @@ class Configurator:
         """Enrolled: plan, commit, then answer the device's last register and publish its config."""
         record, planned = self._plan(record.model_copy(update={"state": advance(record.state, event)}))
         self.store.put(record)
+        credentials = None
+        if self.accounts is not None and record.info.needs_credentials:
+            # the register was signed by the bound key: only the device itself gets here
+            credentials = {"username": record.device_id,
+                           "password": self.accounts.set(record.device_id, Role.DEVICE)}
         self._reply(record.device_id, record.register_id, RegisterStatus.ACCEPTED, record.error,
-                    record.version)
+                    record.version, credentials)
         self._after_commit(record, planned)
         return record
 
     def _reply(self, device_id: str, register_id: str, status: RegisterStatus, reason: str,
-               version: int = 0) -> None:
-        reply = RegisterReply(re=register_id, status=status, config_version=version, reason=reason)
+               version: int = 0, credentials: dict[str, str] | None = None) -> None:
+        reply = RegisterReply(re=register_id, status=status, config_version=version, reason=reason,
+                              credentials=credentials)
         self._publish(self.topics.device(device_id, "register/reply"), "register.reply", reply)
 
     def _on_info(self, _topic: str, envelope: Envelope, info: DeviceInfo, record: DeviceRecord | None) -> None:

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from homenet.acl import Role
-from homenet.durable import read_json, write_json_atomic
+from homenet.durable import read_json, write_atomic, write_json_atomic
 
 
 def new_password() -> str:
@@ -91,3 +91,17 @@ class Accounts:
         write_json_atomic(self.path, {"accounts": {a.name: {"role": a.role.value, "hash": a.hash}
                                                    for a in accounts.values()}})
         self._stamp = None
+
+
+def ensure_account(accounts: Accounts, name: str, role: Role, secret: Path) -> str:
+    """The password of a service account kept in an owner-only file; (re)made when missing."""
+    try:
+        password = Path(secret).read_text().strip()
+    except FileNotFoundError:
+        password = ""
+    account = accounts.get(name)
+    if password and account and account.role == role and check_password(password, account.hash):
+        return password
+    password = accounts.set(name, role)
+    write_atomic(Path(secret), (password + "\n").encode(), mode=0o600)
+    return password

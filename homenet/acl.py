@@ -4,8 +4,9 @@ dynamic-security provisioning both render these rules).
 - configurator: everything under the topic root.
 - device D (enrolled, username D): publish its own register, config/result, info, status,
   rpc/reply; read configurator/state and its own config, register/reply and rpc.
-- unknown (no username; the client id is its device id): publish only its own register; read
-  configurator/state and its own register/reply.
+- unknown (no username; the client id is its device id): publish only its own register and
+  status (its will: presence is not configuration); read configurator/state and its own
+  register/reply.
 - reader (read-only operator): read everything under the root, publish nothing.
 - operator: what a reader may, and publish configurator commands.
 """
@@ -46,7 +47,7 @@ def may_publish(role: Role, name: str, topics: Topics, topic: str) -> bool:
     if role == Role.DEVICE:
         return topic in _device_topics(topics, name, DEVICE_PUBLISH)
     if role == Role.UNKNOWN:
-        return topic in _device_topics(topics, name, ("register",))
+        return topic in _device_topics(topics, name, ("register", "status"))
     if role == Role.OPERATOR:
         return topic == topics.command
     return False

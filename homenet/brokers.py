@@ -88,15 +88,16 @@ class Embedded:
 
     name = "amqtt"
 
-    def __init__(self, port: int | None = None, max_payload: int = 256 * 1024) -> None:
+    def __init__(self, port: int | None = None, max_payload: int = 256 * 1024,
+                 accounts_file: Path | None = None) -> None:
         from homenet.broker.server import BrokerThread
         from homenet.schemas import Topics
         from homenet.settings import BrokerSettings
 
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
-        self._thread = BrokerThread(BrokerSettings(listeners=[f"127.0.0.1:{self.port}"],
-                                                   max_payload=max_payload), Topics())
+        self._thread = BrokerThread(BrokerSettings(listeners=[f"127.0.0.1:{self.port}"], max_payload=max_payload,
+                                                   accounts_file=accounts_file), Topics())
 
     def start(self) -> None:
         self._thread.start()  # returns once amqtt listens

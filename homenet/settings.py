@@ -93,6 +93,9 @@ class ConfiguratorSettings(Section):
     third-party router, reached by its devices' agents (port mappings go to them)."""
     gateway: GatewayDriverSettings = Field(default_factory=GatewayDriverSettings)
     lan: LanSettings = Field(default_factory=LanSettings)
+    accounts_file: Path | None = None
+    """Broker accounts this configurator issues (the embedded broker reads the same file);
+    None: the broker authenticates nobody and no credentials are issued."""
     enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
     """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
     wait for the code the device shows, entered with `homenet devices pair`."""

@@ -65,6 +65,8 @@ class DeviceInfo(Model):
     interfaces: list[Interface] = Field(default_factory=list, max_length=64)
     applied_version: Annotated[int, Field(ge=0)] = 0
     public_key: str | None = None
+    needs_credentials: bool = False
+    """The agent holds no broker account yet (or lost it): the accepting reply carries one."""
 
 
 # --- registration ---------------------------------------------------------------------------
@@ -204,10 +206,13 @@ class RpcReply(Model):
 class Command(Model):
     """An operator's request to the configurator (the `homenet devices ...` commands)."""
 
-    op: Literal["forget", "approve", "reject", "pair", "reset"]
+    op: Literal["forget", "approve", "reject", "pair", "reset", "user.add", "user.remove"]
     device_id: DeviceId | None = None
     code: Annotated[str, Field(max_length=16)] = ""
     """The pairing code, for `pair`."""
+    user: DeviceId | None = None
+    """The operator account, for `user.add` and `user.remove`."""
+    read_only: bool = True
 
 
 class CommandReply(Model):

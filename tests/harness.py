@@ -12,7 +12,7 @@ from typing import Any
 from homenet.agent.app import build as build_agent
 from homenet.agent.service import Agent
 from homenet.brokers import BrokerHandle
-from homenet.configurator.app import build as build_configurator
+from homenet.configurator.app import ADMIN, ADMIN_SECRET, build as build_configurator
 from homenet.configurator.lifecycle import State
 from homenet.configurator.records import DeviceRecord
 from homenet.configurator.service import Configurator
@@ -34,11 +34,12 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = 
 class Watcher:
     """Collects every message under the topic root, as `mosquitto_sub -v -t 'homenet/#'` would."""
 
-    def __init__(self, url: str, topics: Topics) -> None:
+    def __init__(self, url: str, topics: Topics, login: tuple[str, str] | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         broker = BrokerUrl.parse(url)
-        self.client = make_client(f"test-watcher-{id(self)}", clean_session=True)
+        self.client = make_client(f"test-watcher-{id(self)}", clean_session=True,
+                                  username=login[0] if login else None, password=login[1] if login else None)
         ready = threading.Event()
 
         def on_connect(client: Any, *_: Any) -> None:
@@ -76,14 +77,19 @@ class Watcher:
 class Gateway:
     """The configurator under test, plus the agents a test starts, all cleaned up at the end."""
 
-    def __init__(self, broker: BrokerHandle, tmp: Path, lan: LanSettings | None = None) -> None:
+    def __init__(self, broker: BrokerHandle, tmp: Path, lan: LanSettings | None = None,
+                 accounts_file: Path | None = None, enrollment: str = "auto") -> None:
+        """With `accounts_file` (the one the broker reads) the configurator issues accounts and
+        the watcher logs in as the gateway's local operator."""
         self.broker = broker
         self.tmp = tmp
         self.lan = lan or LanSettings()
+        self.accounts_file = accounts_file
+        self.enrollment = enrollment
         self.topics = Topics()
         self.configurator: Configurator | None = None
         self.agents: list[Agent] = []
-        self.watcher = Watcher(broker.url, self.topics)
+        self.watcher: Watcher | None = None
 
     @property
     def data_dir(self) -> Path:
@@ -91,10 +97,19 @@ class Gateway:
 
     def start(self) -> Configurator:
         self.configurator = build_configurator(ConfiguratorSettings(
-            broker=self.broker.url, data_dir=self.data_dir, lan=self.lan))
+            broker=self.broker.url, data_dir=self.data_dir, lan=self.lan, accounts_file=self.accounts_file,
+            enrollment=self.enrollment))
+        if self.watcher is None:
+            self.watcher = Watcher(self.broker.url, self.topics, self.admin)
         self.configurator.start()
         wait_until(self.configurator.connected.is_set, what="configurator connected")
         return self.configurator
+
+    @property
+    def admin(self) -> tuple[str, str] | None:
+        """The gateway's local operator login, when accounts are on."""
+        secret = self.data_dir / ADMIN_SECRET
+        return (ADMIN, secret.read_text().strip()) if self.accounts_file and secret.exists() else None
 
     def stop(self) -> None:
         if self.configurator:
@@ -130,4 +145,5 @@ class Gateway:
         for agent in list(self.agents):
             agent.stop()
         self.stop()
-        self.watcher.close()
+        if self.watcher:
+            self.watcher.close()

@@ -24,7 +24,7 @@ def test_forget_removes_the_device_and_what_the_gateway_set_for_it(gateway: Gate
 
     out = homenet(gateway.broker, "devices", "forget", "test-nas")
     assert out.returncode == 0, out.stderr
-    assert out.stdout.strip() == f"forgot test-nas (released {record.address})"
+    assert out.stdout.strip() == f"forgot test-nas ({record.address})"
 
     assert gateway.record("test-nas") is None
     gateway.watcher.wait_event("device.forgotten", device_id="test-nas")
