@@ -24,7 +24,7 @@ from amqtt.plugins.base import BaseAuthPlugin, BaseTopicPlugin
 from amqtt.session import Session
 
 from homenet.accounts import Accounts
-from homenet.acl import Role, may_publish, may_read
+from homenet.acl import Role, may_publish, may_receive, may_subscribe
 from homenet.schemas import Topics, TopicError, check_device_id, encode
 from homenet.schemas.messages import Event, Severity
 
@@ -97,7 +97,9 @@ class HomenetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
         role, name = entry
         if action == Action.PUBLISH:
             return may_publish(role, name, self.topics, topic)
-        return may_read(role, name, self.topics, topic)
+        if action == Action.SUBSCRIBE:
+            return may_subscribe(role, name, self.topics, topic)
+        return may_receive(role, name, self.topics, topic)
 
     async def _refuse(self, session: Session, reason: str) -> bool:
         source = session.remote_address or "?"

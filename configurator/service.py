@@ -303,6 +303,8 @@ class Configurator:
         envelope, config = decode(payload, expected_kind="config")
         if envelope.sender != self.sender:
             raise Rejected(f"config published by {envelope.sender!r}, not by this configurator")
+        if not signed_by(envelope, self.key.public):
+            raise Rejected("config not signed by this configurator's key; current config restored")
         raise Rejected(f"config version {config.version} is not the current one "
                        f"({record.version if record else 0}): stale or replayed; current config restored")
 

@@ -53,10 +53,17 @@ def may_publish(role: Role, name: str, topics: Topics, topic: str) -> bool:
     return False
 
 
-def may_read(role: Role, name: str, topics: Topics, topic: str) -> bool:
-    """For a subscription filter or a delivered topic alike: only exact topics a device may read
-    (a device cannot subscribe with wildcards); readers and operators may use any filter."""
+def may_receive(role: Role, name: str, topics: Topics, topic: str) -> bool:
+    """Whether a message on `topic` is delivered to this client."""
     if role in (Role.CONFIGURATOR, Role.READER, Role.OPERATOR):
         return _under(topics, topic)
     channels = DEVICE_READ if role == Role.DEVICE else ("register/reply",)
     return topic == topics.configurator_state or topic in _device_topics(topics, name, channels)
+
+
+def may_subscribe(role: Role, name: str, topics: Topics, topic_filter: str) -> bool:
+    """Privileged roles may use any filter (`homenet/#`, `#`): what they receive is still
+    checked topic by topic. Devices may only subscribe to the exact topics they may receive."""
+    if role in (Role.CONFIGURATOR, Role.READER, Role.OPERATOR):
+        return True
+    return may_receive(role, name, topics, topic_filter)
