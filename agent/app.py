@@ -7,8 +7,9 @@ import re
 from homenet.keys import KeyPair
 from homenet.mqtt import BrokerUrl
 from homenet.settings import AgentSettings
+from homenet.tls import pin_certificate
 
-from . import iproute2, networkmanager
+from . import iproute2, networkmanager, upnp
 from .collector import Collector, LinuxCollector
 from .device import Device
 from .executor import Executor, SimulatedCollector, SimulatedExecutor
@@ -39,7 +40,8 @@ def open_device(settings: AgentSettings) -> Device:
         executor, collector = simulated, SimulatedCollector(device_id, simulated)
     else:
         collector = LinuxCollector()
-        executor = _real_executor(settings)
+        # a port mapping given to the agent is for the router's IGD (a third-party gateway)
+        executor = upnp.UpnpExecutor(_real_executor(settings), settings.data_dir)
     key = KeyPair.load_or_create(settings.data_dir / "agent.key")
     pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
     return Device(settings, device_id, state, collector, executor, key, pinned)
@@ -60,12 +62,22 @@ def _real_executor(settings: AgentSettings) -> Executor:
 
 
 def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None,
-          verify: list[tuple[str, int]] | None = None) -> Agent:
+          verify: list[tuple[str, int]] | None = None, fingerprint: str | None = None) -> Agent:
     """An agent for `broker` (found by discovery, with the beacon's IPv4 endpoints to `verify`
-    an address change against), else for the broker named in the settings."""
+    an address change against and its certificate `fingerprint`), else for the broker named in
+    the settings. For TLS the certificate is pinned first: a mismatch raises CertificateMismatch."""
     device = device or open_device(settings)
     if broker is None:
         if settings.broker is None:
             raise ValueError("no broker: give --broker or let the agent discover one")
         broker = BrokerUrl.parse(settings.broker)
-    return Agent(device, broker, verify=verify)
+    cafile = None
+    if broker.tls:
+        fingerprint = fingerprint or settings.broker_fingerprint
+        if settings.broker_cafile is not None:
+            cafile = settings.broker_cafile
+        elif fingerprint is not None:
+            cafile = pin_certificate(broker.host, broker.port, fingerprint, settings.data_dir / "broker-cert.pem")
+        else:
+            raise ValueError(f"{broker} is TLS: give --broker-fingerprint (SHA-256 of its certificate) or --cafile")
+    return Agent(device, broker, verify=verify, cafile=cafile)

@@ -48,6 +48,11 @@ class Discovery:
     iface: str
     beacon: Beacon
 
+    @property
+    def fingerprint(self) -> str | None:
+        """SHA-256 (hex) of the broker certificate, when the gateway offers TLS."""
+        return self.beacon.tls[1].hex() if self.beacon.tls else None
+
 
 def candidate_interfaces() -> list[str]:
     stats = psutil.net_if_stats()
@@ -150,6 +155,11 @@ class BeaconListener:
         return [(str(beacon.ipv4[0].ip), beacon.ipv4[1])] if beacon.ipv4 else []
 
     def _endpoint(self, iface: str, beacon: Beacon) -> BrokerUrl:
+        """Where to connect; over TLS (the port the beacon names for it) when offered."""
+        url = self._address(iface, beacon)
+        return BrokerUrl(url.host, beacon.tls[0], tls=True) if beacon.tls else url
+
+    def _address(self, iface: str, beacon: Beacon) -> BrokerUrl:
         if beacon.ipv4:
             gateway, port = beacon.ipv4
             if any(mine.ip in gateway.network for mine in own_ipv4(iface)):

@@ -32,7 +32,10 @@ def _settings(config: Path | None, **flags: object) -> AgentSettings:
 
 @main.command()
 @click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False), help="TOML settings file.")
-@click.option("--broker", help="Broker URL, e.g. mqtt://192.168.1.1:1883.")
+@click.option("--broker", help="Broker URL, e.g. mqtt://192.168.1.1:1883 or mqtts://192.168.1.1:8883.")
+@click.option("--broker-fingerprint", help="For mqtts://: SHA-256 (hex) of the broker's certificate.")
+@click.option("--cafile", "broker_cafile", type=click.Path(path_type=Path, dir_okay=False),
+              help="For mqtts://: a certificate file to trust instead of a fingerprint.")
 @click.option("--device-id", help="Device id (default: hn-<MAC of the first interface>).")
 @click.option("--device-type", help="Device type: iptv-stb, nas, media-player, game-console, "
               "smart-speaker, camera, generic, ...")
@@ -58,8 +61,11 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
     listener, found = _discover(device) if settings.broker is None else (None, None)
-    agent = build(settings, broker=found.broker if found else None, device=device,
-                  verify=found.verify if found else None)
+    try:
+        agent = build(settings, broker=found.broker if found else None, device=device,
+                      verify=found.verify if found else None, fingerprint=found.fingerprint if found else None)
+    except (ValueError, OSError) as exc:  # CertificateMismatch is an OSError
+        raise click.ClickException(str(exc)) from None
     agent.start()
     done.wait()
     agent.stop()

@@ -18,6 +18,7 @@ import json
 import logging
 import threading
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -48,9 +49,12 @@ def overall(statuses: list[ItemStatus]) -> ResultStatus:
 
 
 class Agent:
-    def __init__(self, device: Device, broker: BrokerUrl, verify: list[Endpoint] | None = None) -> None:
+    def __init__(self, device: Device, broker: BrokerUrl, verify: list[Endpoint] | None = None,
+                 cafile: Path | None = None) -> None:
         """`verify`: more endpoints of the broker (e.g. from its beacon) for the check after an
-        IPv4 change; only IPv4 ones count, with the broker URL's host when it is IPv4."""
+        IPv4 change; only IPv4 ones count, with the broker URL's host when it is IPv4.
+        `cafile`: for TLS, the one certificate trusted (the pinned gateway certificate)."""
+        self.cafile = cafile
         settings, state = device.settings, device.state
         self.device = device
         self.settings = settings
@@ -83,7 +87,8 @@ class Agent:
         """A paho client logging in with the account in the state, anonymously without one."""
         state = self.state.state
         client = make_client(self.device_id, clean_session=False, username=state.username,
-                             password=state.password, will=(self._topic("status"), b'{"state":"offline"}'))
+                             password=state.password, will=(self._topic("status"), b'{"state":"offline"}'),
+                             cafile=self.cafile)
         client.on_connect, client.on_disconnect, client.on_message = (
             self._on_connect, self._on_disconnect, self._on_message)
         return client

@@ -37,8 +37,10 @@ def ipv4_of(iface: str) -> ipaddress.IPv4Interface | None:
 class BeaconSender:
     def __init__(self, interfaces: list[str], key: KeyPair, epoch: int, port: int, root: str,
                  ethertype: int = ETHERTYPE, fast_period: float = 1.0, fast_count: int = 10,
-                 slow_period: float = 10.0, answer_gap: float = 0.2) -> None:
-        self.key, self.epoch, self.port, self.root = key, epoch, port, root
+                 slow_period: float = 10.0, answer_gap: float = 0.2,
+                 tls: tuple[int, bytes] | None = None) -> None:
+        """`tls`: the TLS port and the SHA-256 of the broker's certificate, when TLS is on."""
+        self.key, self.epoch, self.port, self.root, self.tls = key, epoch, port, root, tls
         self.ethertype = ethertype
         self.fast_period, self.fast_count, self.slow_period = fast_period, fast_count, slow_period
         self.answer_gap = answer_gap
@@ -61,7 +63,7 @@ class BeaconSender:
     def beacon(self, iface: str) -> bytes:
         self.counter += 1
         ll = link_local(iface)
-        beacon = Beacon(epoch=self.epoch, counter=self.counter, key=self.key.public, root=self.root,
+        beacon = Beacon(epoch=self.epoch, counter=self.counter, key=self.key.public, root=self.root, tls=self.tls,
                         ipv4=(ip, self.port) if (ip := ipv4_of(iface)) else None,
                         ipv6_ll=(ipaddress.IPv6Address(ll[0]), self.port) if ll else None)
         return ethernet_frame(mac_of(iface), encode_beacon(beacon, self.key.sign), self.ethertype)

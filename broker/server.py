@@ -24,9 +24,17 @@ log = logging.getLogger(__name__)
 
 def broker_config(settings: BrokerSettings, root: str) -> dict[str, Any]:
     """amqtt configuration: our listeners and our auth plugin, none of amqtt's defaults."""
+    binds = [(bind, False) for bind in settings.listeners] + [(bind, True) for bind in settings.tls_listeners]
+    if not binds:
+        raise ValueError("the broker needs at least one listener (plain or TLS)")
+    if settings.tls_listeners and not (settings.certfile and settings.keyfile):
+        raise ValueError("TLS listeners need a certfile and a keyfile")
     listeners: dict[str, Any] = {}
-    for n, bind in enumerate(settings.listeners):
-        listeners["default" if n == 0 else f"listener-{n}"] = {"type": "tcp", "bind": bind, "max_connections": 0}
+    for n, (bind, tls) in enumerate(binds):
+        listener: dict[str, Any] = {"type": "tcp", "bind": bind, "max_connections": 0}
+        if tls:
+            listener.update(ssl=True, certfile=str(settings.certfile), keyfile=str(settings.keyfile))
+        listeners["default" if n == 0 else f"listener-{n}"] = listener
     return {
         "listeners": listeners,
         "timeout_disconnect_delay": 0,

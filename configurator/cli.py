@@ -57,12 +57,15 @@ def gateway() -> None:
 @gateway.command("run")
 @CONFIG
 @DATA_DIR
-@click.option("--listen", multiple=True, help="Broker listener bind, e.g. ':::1883' (repeatable).")
+@click.option("--listen", multiple=True, help="Plain MQTT listener bind, e.g. ':::1883' (repeatable).")
+@click.option("--tls-listen", "tls_listen", multiple=True,
+              help="TLS listener bind, e.g. '0.0.0.0:8883' (repeatable); certificate made on first start.")
+@click.option("--no-plain", is_flag=True, help="No plain-TCP listener: TLS only.")
 @click.option("--beacon-interface", "beacon", multiple=True,
               help="LAN interface to send the Layer-2 beacon on, e.g. br0 (repeatable).")
 @VERBOSE
-def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...],
-                beacon: tuple[str, ...], verbose: bool) -> None:
+def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...], tls_listen: tuple[str, ...],
+                no_plain: bool, beacon: tuple[str, ...], verbose: bool) -> None:
     """Run the embedded broker and the configurator (and the beacon) until SIGINT/SIGTERM."""
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.server import EmbeddedBroker
@@ -72,25 +75,25 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
-        "configurator.data_dir": data_dir, "broker.listeners": list(listen) or None,
-        "beacon.interfaces": list(beacon) or None})
-    # The broker authenticates every client against the accounts the configurator issues.
-    accounts = settings.broker.accounts_file or settings.configurator.data_dir / "broker-accounts.json"
-    broker_settings = settings.broker.model_copy(update={"accounts_file": accounts})
-    conf_settings = settings.configurator.model_copy(
-        update={"broker": local_url(settings.broker.listeners[0]), "accounts_file": accounts})
+        "configurator.data_dir": data_dir, "broker.listeners": [] if no_plain else (list(listen) or None),
+        "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
+    try:
+        broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    plain, tls = settings.broker.listeners, settings.broker.tls_listeners
 
     async def serve() -> None:
-        conf_settings.data_dir.mkdir(parents=True, exist_ok=True)
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings))
         await broker.start()
         configurator = build(conf_settings)
         sender = None
         try:
             if settings.beacon.interfaces:
+                tls_port = _port(tls[0]) if tls else None
                 sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,
-                                      int(settings.broker.listeners[0].rsplit(":", 1)[1]),
-                                      conf_settings.root, settings.beacon.ethertype)
+                                      _port((plain or tls)[0]), conf_settings.root, settings.beacon.ethertype,
+                                      tls=(tls_port, bytes.fromhex(fingerprint)) if tls_port else None)
                 sender.start()
             configurator.start()
             await _until_signal()
@@ -103,6 +106,34 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
             await broker.stop()
 
     asyncio.run(serve())
+
+
+def _port(bind: str) -> int:
+    return int(bind.rsplit(":", 1)[1])
+
+
+def _secure_gateway(settings: GatewaySettings) -> tuple[Any, ConfiguratorSettings, str]:
+    """Broker and configurator settings for the appliance: every client authenticated against
+    the accounts the configurator issues; TLS with the gateway's own certificate when asked."""
+    from homenet.tls import ensure_certificate, fingerprint
+
+    data = settings.configurator.data_dir
+    data.mkdir(parents=True, exist_ok=True)
+    broker = settings.broker.model_copy(update={
+        "accounts_file": settings.broker.accounts_file or data / "broker-accounts.json"})
+    if not broker.listeners and not broker.tls_listeners:
+        raise ValueError("no listener: give --listen or --tls-listen")
+    cert = ""
+    if broker.tls_listeners:
+        broker = broker.model_copy(update={"certfile": broker.certfile or data / "broker-cert.pem",
+                                           "keyfile": broker.keyfile or data / "broker-key.pem"})
+        cert = fingerprint(ensure_certificate(broker.certfile, broker.keyfile))
+    local = (local_url(broker.listeners[0]) if broker.listeners
+             else local_url(broker.tls_listeners[0]).replace("mqtt://", "mqtts://"))
+    configurator = settings.configurator.model_copy(update={
+        "broker": local, "accounts_file": broker.accounts_file,
+        "broker_cafile": broker.certfile if not broker.listeners else None})
+    return broker, configurator, cert
 
 
 def _topics(settings: ConfiguratorSettings) -> Any:
@@ -276,7 +307,8 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
     secret = settings.configurator.data_dir / ADMIN_SECRET  # present on the gateway itself
     login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
     try:
-        reply = send_command(url, command, settings.configurator.root, login)
+        reply = send_command(url, command, settings.configurator.root, login,
+                             cafile=settings.configurator.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.ok:

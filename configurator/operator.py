@@ -9,6 +9,7 @@ from __future__ import annotations
 import threading
 import time
 import uuid
+from pathlib import Path
 from typing import Any
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
@@ -17,7 +18,7 @@ from homenet.schemas.messages import Command, CommandReply
 
 
 def send_command(url: str, command: Command, root: str, login: tuple[str, str] | None = None,
-                 timeout: float = 10.0) -> CommandReply:
+                 cafile: Path | None = None, timeout: float = 10.0) -> CommandReply:
     broker = BrokerUrl.parse(url)
     topics = Topics(root)
     sender = f"operator-{uuid.uuid4().hex[:8]}"
@@ -26,7 +27,7 @@ def send_command(url: str, command: Command, root: str, login: tuple[str, str] |
     replies: list[CommandReply] = []
     done = threading.Event()
     client = make_client(sender, clean_session=True, username=login[0] if login else None,
-                         password=login[1] if login else None)
+                         password=login[1] if login else None, cafile=cafile if broker.tls else None)
 
     def on_connect(c: Any, *_: Any) -> None:
         set_nodelay(c)

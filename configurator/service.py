@@ -70,7 +70,8 @@ class Configurator:
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
-                                  will=(self.topics.configurator_state, self._state_payload("offline")))
+                                  will=(self.topics.configurator_state, self._state_payload("offline")),
+                                  cafile=settings.broker_cafile if self.broker.tls else None)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message

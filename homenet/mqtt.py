@@ -8,7 +8,9 @@ from __future__ import annotations
 
 import logging
 import socket
+import ssl
 from dataclasses import dataclass
+from pathlib import Path
 from urllib.parse import urlsplit
 
 import paho.mqtt.client as paho
@@ -55,13 +57,20 @@ def set_nodelay(client: paho.Client) -> None:
 
 def make_client(client_id: str, *, clean_session: bool = False,
                 username: str | None = None, password: str | None = None,
-                will: tuple[str, bytes] | None = None) -> paho.Client:
-    """A paho client for MQTT 3.1.1 with reconnect backoff and a retained will, not yet connected."""
+                will: tuple[str, bytes] | None = None, cafile: Path | None = None) -> paho.Client:
+    """A paho client for MQTT 3.1.1 with reconnect backoff and a retained will, not yet connected.
+
+    With `cafile` it speaks TLS and trusts only that certificate (the gateway's own, pinned by
+    fingerprint); host names are not checked, since a home broker is reached by IP address.
+    """
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv311, clean_session=clean_session)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
+    if cafile is not None:
+        client.tls_set(ca_certs=str(cafile), cert_reqs=ssl.CERT_REQUIRED)
+        client.tls_insecure_set(True)
     if username:
         client.username_pw_set(username, password)
     if will:

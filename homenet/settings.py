@@ -59,6 +59,10 @@ class BrokerSettings(Section):
     max_payload: int = Field(default=256 * 1024, ge=1024)
     accounts_file: Path | None = None
     """Broker accounts written by the configurator; None admits any well-formed client id."""
+    tls_listeners: list[str] = Field(default_factory=list)
+    """TLS binds, e.g. `0.0.0.0:8883`; an empty `listeners` list then means plain TCP is off."""
+    certfile: Path | None = None
+    keyfile: Path | None = None
 
 
 IfName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")]
@@ -93,6 +97,8 @@ class ConfiguratorSettings(Section):
     third-party router, reached by its devices' agents (port mappings go to them)."""
     gateway: GatewayDriverSettings = Field(default_factory=GatewayDriverSettings)
     lan: LanSettings = Field(default_factory=LanSettings)
+    broker_cafile: Path | None = None
+    """For an mqtts:// broker: the certificate to trust (the gateway's own)."""
     accounts_file: Path | None = None
     """Broker accounts this configurator issues (the embedded broker reads the same file);
     None: the broker authenticates nobody and no credentials are issued."""
@@ -116,6 +122,10 @@ class GatewaySettings(Section):
 class AgentSettings(Section):
     broker: BrokerUrlText | None = None
     """None: find the broker from the gateway's Layer-2 beacon."""
+    broker_fingerprint: str | None = Field(default=None, pattern=r"^[0-9a-fA-F]{64}$")
+    """For an mqtts:// broker: SHA-256 of its certificate (the beacon carries it otherwise)."""
+    broker_cafile: Path | None = None
+    """For an mqtts:// broker: a certificate to trust instead of a fingerprint."""
     beacon_ethertype: int = Field(default=0x88B5, ge=0x0600, le=0xFFFF)
     configurator_key_file: Path | None = None
     """A provisioned configurator public key (base64); without it the first valid beacon's key is pinned."""

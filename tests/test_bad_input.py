@@ -101,7 +101,7 @@ def test_replayed_register_is_refused(configured_nas: Gateway, mosquitto_pub: st
 
 
 @pytest.mark.parametrize("sender,reason", [
-    ("configurator", "config version 1 is not the current one (1): stale or replayed"),
+    ("configurator", "config not signed by this configurator's key; current config restored"),
     ("mallory", "config published by 'mallory', not by this configurator"),
 ])
 def test_a_foreign_or_stale_config_is_ignored_by_the_agent_and_undone(

@@ -63,7 +63,7 @@ class Home:
         return wait_until(results, timeout, f"{count} devices with a config.result")
 
 
-def start_home(lab: Lab, tmp: Path, lan: str = "192.168.50") -> Home:
+def start_home(lab: Lab, tmp: Path, lan: str = "192.168.50", tls: bool = False) -> Home:
     gw = lab.namespace("gw")
     lab.bridge(gw, "br0", f"{GATEWAY_IP}/24")
     conf = tmp / "gateway.toml"
@@ -74,8 +74,10 @@ def start_home(lab: Lab, tmp: Path, lan: str = "192.168.50") -> Home:
         pool_start = "{lan}.100"
         pool_end = "{lan}.199"
         """))
+    listeners = (["--no-plain", "--tls-listen", "0.0.0.0:8883", "--tls-listen", ":::8883"] if tls
+                 else ["--listen", "0.0.0.0:1883", "--listen", ":::1883"])
     gw.popen(HOMENET, "gateway", "run", "--config", str(conf), "--data-dir", str(tmp / "gw"),
-             "--listen", "0.0.0.0:1883", "--listen", ":::1883", "--beacon-interface", "br0",
+             *listeners, "--beacon-interface", "br0",
              stdout=(tmp / "gateway.log").open("w"), stderr=subprocess.STDOUT)
     return Home(lab, gw, tmp)
 
@@ -86,15 +88,17 @@ def lab() -> Iterator[Lab]:
         yield lab
 
 
-def test_devices_with_only_link_local_get_ipv4_from_the_policy(lab: Lab, tmp_path: Path) -> None:
+@pytest.mark.parametrize("tls", [False, True], ids=["plain", "tls"])
+def test_devices_with_only_link_local_get_ipv4_from_the_policy(lab: Lab, tmp_path: Path, tls: bool) -> None:
+    """With TLS on, the agent pins the certificate whose fingerprint the signed beacon carries."""
     ping = require_program("ping")
-    home = start_home(lab, tmp_path)
+    home = start_home(lab, tmp_path, tls=tls)
     devices = [home.device("stb", "iptv-stb"), home.device("nas", "nas")]
     records = home.wait_result(2)
 
     for ns, proc, log in devices:
         assert proc.poll() is None, log.read_text()
-        assert "found the gateway's broker at mqtt://[fe80::" in log.read_text()
+        assert f"found the gateway's broker at {'mqtts' if tls else 'mqtt'}://[fe80::" in log.read_text()
         record = next(r for r in records.values() if r.info.interfaces and
                       any(i.mac == ns.mac("eth0") for i in r.info.interfaces))
         assert record.state == State.CONFIGURED and record.result.status == ResultStatus.OK
