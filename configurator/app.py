@@ -51,5 +51,5 @@ def build(settings: ConfiguratorSettings) -> Configurator:
         ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
     configurator = Configurator(settings, TinyStore(db_path(settings.data_dir)), make_driver(settings, reporter),
                                 KeyPair.load_or_create(settings.data_dir / KEY_NAME), accounts, login)
-    reporter.connect(configurator.event, configurator._publish_gateway_state)
+    reporter.connect(configurator.event, configurator.publish_gateway_state)
     return configurator

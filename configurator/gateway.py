@@ -1,8 +1,10 @@
 """The gateway as the configurator drives it: the GatewayDriver interface and its memory driver.
 
 Drivers apply the `gateway` items of a device's config (plus the DHCP reservation that backs
-its planned address) and report per item. The memory driver keeps everything in dicts; the
-configurator re-applies every stored config at start, so a fresh driver is always caught up.
+its planned address) and report per item. What a config asks of the gateway is made concrete
+once (`wants_of`), for every driver. The memory driver keeps it in a dict; the real ones are in
+`drivers/` (docs/gateway.md). The configurator re-applies every stored config at start, so a
+fresh driver (or a rebooted gateway) is always caught up.
 """
 
 from __future__ import annotations

@@ -94,6 +94,7 @@ class Configurator:
                                 qos=1, retain=True).wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
+        self.driver.close()
 
     def _state_payload(self, state: str) -> bytes:
         body = ConfiguratorState(state=state, configurator_id=self.sender, epoch=self.epoch,
@@ -113,7 +114,7 @@ class Configurator:
             if record.config_payload:
                 client.publish(self.topics.device(record.device_id, "config"),
                                record.config_payload.encode(), qos=1, retain=True)
-        self._publish_gateway_state()
+        self.publish_gateway_state()
         if not self._replanned:  # the LAN or the policy may have changed while we were down
             self._replanned = True
             self._replan_all()
@@ -141,7 +142,8 @@ class Configurator:
                          sender=sender, reason=reason, detail=detail)
         self._publish(self.topics.events, "event", body)
 
-    def _publish_gateway_state(self) -> None:
+    def publish_gateway_state(self) -> None:
+        """What the driver has set, retained on `gateway/state` (also called by the driver's retries)."""
         self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
 
     # --- receiving -----------------------------------------------------------------------
@@ -287,7 +289,7 @@ class Configurator:
         self.driver.remove(record.device_id)
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
             self.client.publish(self.topics.device(record.device_id, channel), b"", qos=1, retain=True)
-        self._publish_gateway_state()
+        self.publish_gateway_state()
         self.event("device.forgotten", device_id=record.device_id, address=record.address)
         return {"device_id": record.device_id, "address": record.address}
 
@@ -433,7 +435,7 @@ class Configurator:
                     addresses[item.address] = other.device_id
                 elif isinstance(item, PortMappingItem):
                     ports[(item.protocol, item.external_port)] = other.device_id
-        return NetworkView(self.driver.lan(), addresses, ports)
+        return NetworkView(self.driver.lan(), addresses, ports, gateway=self.driver.name)
 
     def _plan(self, record: DeviceRecord) -> tuple[DeviceRecord, bool]:
         """Evaluate the device; return the updated record and whether a new config version was made."""
@@ -463,4 +465,4 @@ class Configurator:
         for failure in failures:
             self.event("gateway.failed", Severity.ERROR, device_id=record.device_id,
                        reason=f"{failure.item}: {failure.detail}")
-        self._publish_gateway_state()
+        self.publish_gateway_state()

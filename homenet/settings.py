@@ -102,9 +102,24 @@ class ConfiguratorSettings(Section):
     accounts_file: Path | None = None
     """Broker accounts this configurator issues (the embedded broker reads the same file);
     None: the broker authenticates nobody and no credentials are issued."""
+    dynsec_admin: str | None = None
+    """An external Mosquitto at `broker` instead: the username of its dynamic-security admin,
+    through which the configurator issues the accounts, roles and ACLs (docs/security.md).
+    Replaces `accounts_file`."""
+    dynsec_admin_password_file: Path | None = Field(default=None, validate_default=True)
+    """The file (owner-only) holding that admin's password; needed with `dynsec_admin`."""
     enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
     """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
     wait for the code the device shows, entered with `homenet devices pair`."""
+
+    @field_validator("dynsec_admin_password_file")
+    @classmethod
+    def _dynsec_pair(cls, value: Path | None, info: ValidationInfo) -> Path | None:
+        if (info.data.get("dynsec_admin") is None) != (value is None):
+            raise ValueError("dynsec_admin and dynsec_admin_password_file go together")
+        if value is not None and info.data.get("accounts_file") is not None:
+            raise ValueError("accounts_file is for the embedded broker; with dynsec_admin Mosquitto keeps the accounts")
+        return value
 
 
 class BeaconSettings(Section):

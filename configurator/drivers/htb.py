@@ -9,6 +9,7 @@ any other explicit handle is someone else's and is left alone.
 from __future__ import annotations
 
 import json
+import re
 
 from homenet.schemas.messages import QosClass
 
@@ -40,16 +41,22 @@ def commands(wan: str, rate_kbit: int) -> list[list[str]]:
     return tree
 
 
+def classes(wan: str) -> set[str]:
+    """The htb class ids on `wan` (`tc -j class show` prints text for htb in iproute2 6.1)."""
+    return set(re.findall(r"^class htb (\S+)", run("tc", "class", "show", "dev", wan), re.MULTILINE))
+
+
 def ensure(wan: str, rate_kbit: int) -> None:
     """Install the tree on the WAN unless it is there; refuse to replace another root qdisc."""
-    root = next((q for q in json.loads(run("tc", "-j", "qdisc", "show", "dev", wan) or "[]") if q.get("root")), {})
+    try:
+        root = next((q for q in json.loads(run("tc", "-j", "qdisc", "show", "dev", wan) or "[]") if q.get("root")), {})
+    except ValueError as exc:
+        raise GatewayError(f"cannot read the qdiscs of {wan}: {exc}") from None
     handle = root.get("handle", "0:")
     if handle not in ("0:", f"{MAJOR}:"):
         raise GatewayError(f"the root qdisc of {wan} ({root.get('kind')} {handle}) is not homenet's; "
                            "left alone, so traffic is marked but not prioritised")
-    if handle == f"{MAJOR}:":
-        have = {c.get("handle") for c in json.loads(run("tc", "-j", "class", "show", "dev", wan) or "[]")}
-        if {f"{MAJOR}:1", *(f"{MAJOR}:{m:x}" for m in CLASSES)} <= have:
-            return
+    if handle == f"{MAJOR}:" and {f"{MAJOR}:1", *(f"{MAJOR}:{m:x}" for m in CLASSES)} <= classes(wan):
+        return
     for args in commands(wan, rate_kbit):
         run("tc", *args)
