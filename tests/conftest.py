@@ -20,7 +20,9 @@ from .harness import Gateway
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
 
-PACKAGES = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients", "ping": "iputils-ping"}
+PACKAGES = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients", "ping": "iputils-ping",
+            "nft": "nftables", "tc": "iproute2", "miniupnpd": "miniupnpd-nftables", "dnsmasq": "dnsmasq-base",
+            "NetworkManager": "network-manager", "nmcli": "network-manager"}
 
 
 def require_program(name: str, path: str | None = None) -> str:

@@ -17,12 +17,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from .conftest import PACKAGES, require_program
+from .conftest import require_program
 from .harness import wait_until
 from .netns import Lab, Namespace
 from .test_day0 import GATEWAY_IP, HOMENET, Home
 
-PACKAGES.update(nft="nftables", tc="iproute2", miniupnpd="miniupnpd-nftables")
 WAN_GW, WAN_HOST = "11.0.0.2", "11.0.0.1"
 FOREIGN_RULES = """\
 table ip gwnat {

@@ -20,7 +20,6 @@ How NetworkManager is made to run here (no systemd, no udev, not the host's netw
 from __future__ import annotations
 
 import os
-import shutil
 import subprocess
 import tempfile
 import time
@@ -35,7 +34,7 @@ from homenet.agent.executor import Executor
 from homenet.agent.networkmanager import NetworkManagerExecutor, Nmcli, detect
 from homenet.schemas.messages import Ipv4Item, ItemStatus, QosClass, QosItem
 
-from .conftest import IN_CI
+from .conftest import require_program
 from .netns import Lab, Namespace
 
 DEVICE_MAC = "02:00:00:00:62:08"
@@ -95,17 +94,6 @@ exec "$0" --debug --config="$1/nm.conf" --config-dir="$1/conf.d" --system-config
 """
 
 
-def require(program: str, package: str, *paths: str) -> str:
-    """The program's path; skip (laptop) or fail (CI) when it is missing."""
-    found = next((p for p in paths if Path(p).exists()), None) or shutil.which(program)
-    if found:
-        return found
-    message = f"{program} is not installed (Debian package {package})"
-    if IN_CI:
-        pytest.fail(message + ": CI must install it (.ci/run)")
-    pytest.skip(message)
-
-
 def wait_for(what: str, check: Callable[[], Any], timeout: float = 15.0, log: Path | None = None) -> Any:
     """`check()`'s first truthy value; fails naming `what` (and the NetworkManager log's tail)."""
     end = time.monotonic() + timeout
@@ -154,10 +142,10 @@ class NmLab:
 def nm_lab() -> Iterator[NmLab]:
     """NetworkManager (and its bus) in a device namespace on a DHCP-served LAN; all stopped by PID
     and the namespaces deleted at the end, also when the test fails."""
-    networkmanager = require("NetworkManager", "network-manager", "/usr/sbin/NetworkManager")
-    require("nmcli", "network-manager")
-    dbus_daemon = require("dbus-daemon", "dbus-daemon")
-    dnsmasq = require("dnsmasq", "dnsmasq-base", "/usr/sbin/dnsmasq")
+    networkmanager = require_program("NetworkManager", "/usr/sbin/NetworkManager")
+    require_program("nmcli")
+    dbus_daemon = require_program("dbus-daemon")
+    dnsmasq = require_program("dnsmasq", "/usr/sbin/dnsmasq")
     if not Path("/var/lib/NetworkManager").is_dir():
         pytest.fail("/var/lib/NetworkManager is missing: network-manager is not installed properly")
     with tempfile.TemporaryDirectory(prefix="hn-nm-") as tmp, Lab() as lab:  # short: a unix socket path
