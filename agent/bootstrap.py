@@ -25,7 +25,7 @@ from pathlib import Path
 import psutil
 
 from homenet.keys import fingerprint, verify
-from homenet.l2 import link_local, mac_of, open_socket, receive
+from homenet.l2 import check_raw_socket, link_local, mac_of, open_socket, receive
 from homenet.mqtt import BrokerUrl
 from homenet.schemas.beacon import (TYPE_SOLICIT, Beacon, BeaconError, decode_beacon, encode_solicit,
                                     ethernet_frame, frame_type, parse_ethernet)
@@ -75,10 +75,22 @@ class BeaconListener:
         self.ethertype = ethertype
         self.resolicit = resolicit
         self.dad_wait = dad_wait
-        self._socks = {i: open_socket(i, ethertype) for i in (interfaces or candidate_interfaces())}
-        if not self._socks:
-            raise OSError("no usable network interface (up, not loopback, with a MAC) to listen on")
+        check_raw_socket(ethertype)  # say so at once, even before any interface is up
+        self._fixed = interfaces
+        self._socks: dict[str, socket.socket] = {}
         self._stop = threading.Event()
+        self._rescan()
+
+    def _rescan(self) -> None:
+        """Listen on interfaces that came up since (a device may boot before its cable is in)."""
+        for iface in self._fixed or candidate_interfaces():
+            if iface not in self._socks:
+                try:
+                    self._socks[iface] = open_socket(iface, self.ethertype)
+                except OSError as exc:  # gone again already
+                    log.debug("cannot listen on %s: %s", iface, exc)
+                    continue
+                log.info("listening for the gateway's beacon on %s", iface)
 
     def solicit(self) -> None:
         for iface, sock in self._socks.items():
@@ -88,11 +100,13 @@ class BeaconListener:
                 log.debug("solicit on %s not sent: %s", iface, exc)
 
     def discover(self, timeout: float | None = None) -> Discovery:
-        log.info("looking for the gateway's beacon on %s", ", ".join(self._socks))
+        if not self._socks:
+            log.warning("no network interface is up yet (up, not loopback, with a MAC); waiting")
         deadline = None if timeout is None else time.monotonic() + timeout
         next_solicit = 0.0
         while deadline is None or time.monotonic() < deadline:
             if time.monotonic() >= next_solicit:
+                self._rescan()
                 self.solicit()
                 next_solicit = time.monotonic() + self.resolicit
             for iface, beacon in self._poll(0.5):
@@ -170,7 +184,7 @@ class BeaconListener:
             while (mine := link_local(iface)) is None or not mine[1]:
                 if time.monotonic() > deadline:
                     raise DiscoveryTimeout(f"{iface} has no usable link-local address after {self.dad_wait} s")
-                time.sleep(0.1)  # tentative during DAD, about a second after link-up
+                time.sleep(0.02)  # tentative during DAD, one to two seconds after link-up
             return BrokerUrl(f"{address}%{iface}", port)
         if beacon.ipv4:
             return BrokerUrl(str(beacon.ipv4[0].ip), beacon.ipv4[1])

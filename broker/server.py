@@ -44,6 +44,22 @@ def broker_config(settings: BrokerSettings, root: str) -> dict[str, Any]:
     }
 
 
+class _ProbeNoise(logging.Filter):
+    """amqtt logs an ERROR and a WARNING for every TCP connection that closes before CONNECT.
+    Readiness probes and the agent's reachability check after an address change do exactly
+    that; the lines are kept at DEBUG so real errors stand out."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        text = record.getMessage()
+        if "No data" in text and ("No data from" in text or "Failed to initialize client session" in text):
+            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
+            return logging.getLogger("amqtt.broker").isEnabledFor(logging.DEBUG)
+        return True
+
+
+logging.getLogger("amqtt.broker").addFilter(_ProbeNoise())
+
+
 class HomenetBroker(Broker):
     def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
         super().__init__(broker_config(settings, topics.root))

@@ -17,12 +17,25 @@ class NoRawSocket(PermissionError):
     """The process lacks CAP_NET_RAW; the text says how to grant it."""
 
 
-def open_socket(iface: str, ethertype: int) -> socket.socket:
+def _raw(ethertype: int) -> socket.socket:
     try:
-        sock = socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
+        return socket.socket(socket.AF_PACKET, socket.SOCK_RAW, socket.htons(ethertype))
     except PermissionError:
         raise NoRawSocket(CAP_NET_RAW_HELP) from None
-    sock.bind((iface, ethertype))
+
+
+def check_raw_socket(ethertype: int) -> None:
+    """Raise NoRawSocket now if this process may not open raw sockets."""
+    _raw(ethertype).close()
+
+
+def open_socket(iface: str, ethertype: int) -> socket.socket:
+    sock = _raw(ethertype)
+    try:
+        sock.bind((iface, ethertype))
+    except OSError:
+        sock.close()
+        raise
     sock.setblocking(False)
     return sock
 

@@ -30,7 +30,11 @@ GATEWAY_IP = "192.168.50.1"
 class Home:
     lab: Lab
     gw: Namespace
+    """Where `homenet gateway run` runs (the broker and the configurator)."""
     tmp: Path
+    lan: Namespace | None = None
+    """The namespace whose br0 the devices plug into: `gw` unless the LAN is another box's
+    (a third-party router)."""
 
     @property
     def db(self) -> Path:
@@ -41,15 +45,19 @@ class Home:
             return {}
         return {r.device_id: r for r in TinyStore(self.db, read_only=True).all()}
 
-    def device(self, role: str, device_type: str, deadline: float = 10) -> tuple[Namespace, subprocess.Popen[str], Path]:
-        """A device namespace on the bridge, IPv6 link-local only, running the agent (no --broker)."""
+    def device(self, role: str, device_type: str, deadline: float = 10, settings: str = "",
+               link_down: bool = False) -> tuple[Namespace, subprocess.Popen[str], Path]:
+        """A device namespace on the bridge, IPv6 link-local only, running the agent (no --broker);
+        `settings`: more lines of its TOML; `link_down`: the agent starts before link-up."""
         ns = self.lab.namespace(role)
-        self.lab.veth(ns, self.gw)
+        self.lab.veth(ns, self.lan or self.gw)
+        if link_down:
+            ns.run("ip", "link", "set", "eth0", "down")
         data = self.tmp / role
         data.mkdir()
         conf = data / "agent.toml"
         conf.write_text(f'device_type = "{device_type}"\nexecutor = "iproute2"\n'
-                        f'resolv_conf = "{data / "resolv.conf"}"\napply_deadline = {deadline}\n')
+                        f'resolv_conf = "{data / "resolv.conf"}"\napply_deadline = {deadline}\n{settings}')
         log = data / "agent.log"
         proc = ns.popen(AGENT, "run", "--config", str(conf), "--data-dir", str(data),
                         stdout=log.open("w"), stderr=subprocess.STDOUT)
@@ -159,3 +167,14 @@ def test_an_address_that_cannot_reach_the_broker_is_rolled_back(lab: Lab, tmp_pa
     assert ns.ipv4("eth0") == [], "interface restored to its previous settings"
     assert ns.routes("default") == []
     assert proc.poll() is None, log.read_text()
+
+
+def test_a_device_that_boots_before_its_link_is_up_waits_for_it(lab: Lab, tmp_path: Path) -> None:
+    home = start_home(lab, tmp_path)
+    ns, proc, log = home.device("late", "camera", link_down=True)
+    wait_until(lambda: "no network interface is up yet" in log.read_text(), 10, "the agent waiting")
+    assert proc.poll() is None, "it waits instead of exiting"
+    ns.run("ip", "link", "set", "eth0", "up")
+    record = next(iter(home.wait_result(1).values()))
+    assert record.state == State.CONFIGURED
+    assert ns.ipv4("eth0") == [f"{record.address}/24"]
