@@ -41,7 +41,7 @@ def open_device(settings: AgentSettings) -> Device:
     else:
         collector = LinuxCollector()
         # a port mapping given to the agent is for the router's IGD (a third-party gateway)
-        executor = upnp.UpnpExecutor(_real_executor(settings), settings.data_dir)
+        executor = upnp.UpnpExecutor(_real_executor(settings), settings.data_dir, settings.upnp_lease)
     key = KeyPair.load_or_create(settings.data_dir / "agent.key")
     pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
     return Device(settings, device_id, state, collector, executor, key, pinned)

@@ -9,8 +9,9 @@ library), installed with `homenet[upnp]`; without it port mappings are `unsuppor
 
 Mappings are leased (`lease` seconds), never permanent, so the router drops the ones of a
 device that is gone; a thread renews the current ones at half their lease. The current ones
-are those applied since the last config began (`checkpoint`); a mapping a newer config no
-longer holds is not renewed and expires. They are kept in the state directory, so an agent
+are those applied since the last config began (`checkpoint`), or those of the config before
+when a new one is rolled back; any other (a newer config no longer holds it, or it belongs to a
+config rolled back) is not renewed and expires. They are kept in the state directory, so an agent
 that restarts (and rightly does not re-apply a config it applied) still renews them.
 """
 
@@ -145,12 +146,20 @@ class UpnpExecutor:
 
     def checkpoint(self) -> object:
         """A new config begins: only the mappings it applies are renewed from now on."""
+        inner = self.inner.checkpoint()  # first: if it fails, nothing is applied and nothing changes here
         with self._lock:
+            before = (self._current, dict(self._leases))
             self._current = set()
-        return self.inner.checkpoint()
+        return before, inner
 
     def rollback(self, checkpoint: Any) -> None:
-        self.inner.rollback(checkpoint)
+        """Back to the config before: its mappings are renewed again; those of the rolled-back one expire."""
+        (current, leases), inner = checkpoint
+        self.inner.rollback(inner)
+        with self._lock:
+            self._current = current
+            self._leases.update((key, lease) for key, lease in leases.items() if key in current)
+            self._save()
 
     # --- leases --------------------------------------------------------------------------
 

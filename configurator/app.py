@@ -4,10 +4,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from homenet.accounts import Accounts, ensure_account
+from homenet.accounts import Accounts, AccountStore, ensure_account
 from homenet.acl import Role
 from homenet.keys import KeyPair
-from homenet.settings import ConfiguratorSettings, LanSettings
+from homenet.schemas import Topics
+from homenet.settings import ConfiguratorSettings, LanSettings, SettingsError
 
 from .gateway import GatewayDriver, GatewayReporter, MemoryGatewayDriver
 from .ipam import LanPlan
@@ -40,10 +41,28 @@ def make_driver(settings: ConfiguratorSettings, reporter: GatewayReporter) -> Ga
     return MemoryGatewayDriver(lan)
 
 
+def make_accounts(settings: ConfiguratorSettings) -> AccountStore | None:
+    """Where the broker accounts go: an external Mosquitto's dynamic-security plugin (its
+    roles made or updated now, so the broker must be up), the embedded broker's file, or none."""
+    if settings.dynsec_admin and settings.dynsec_admin_password_file:
+        from .dynsec import DynsecAccounts
+
+        try:
+            password = settings.dynsec_admin_password_file.read_text().strip()
+        except OSError as exc:
+            raise SettingsError(f"dynsec_admin_password_file {settings.dynsec_admin_password_file}: "
+                                f"{exc.strerror}") from None
+        accounts = DynsecAccounts(settings.broker, (settings.dynsec_admin, password), Topics(settings.root),
+                                  cafile=settings.broker_cafile)
+        accounts.ensure_roles()
+        return accounts
+    return Accounts(settings.accounts_file) if settings.accounts_file else None
+
+
 def build(settings: ConfiguratorSettings) -> Configurator:
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     reporter = GatewayReporter()
-    accounts = Accounts(settings.accounts_file) if settings.accounts_file else None
+    accounts = make_accounts(settings)
     login = None
     if accounts is not None:  # its own account, and the local operator's for the CLI
         login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,

@@ -117,6 +117,9 @@ def _secure_gateway(settings: GatewaySettings) -> tuple[Any, ConfiguratorSetting
     the accounts the configurator issues; TLS with the gateway's own certificate when asked."""
     from homenet.tls import ensure_certificate, fingerprint
 
+    if settings.configurator.dynsec_admin:
+        raise ValueError("gateway run embeds its own broker: dynsec_admin is for a configurator "
+                         "in front of an external Mosquitto (homenet configurator run)")
     data = settings.configurator.data_dir
     data.mkdir(parents=True, exist_ok=True)
     broker = settings.broker.model_copy(update={
@@ -181,12 +184,17 @@ def configurator() -> None:
 @VERBOSE
 def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, verbose: bool) -> None:
     """Run the configurator until SIGINT/SIGTERM."""
+    from homenet.accounts import AccountError
+
     from .app import build
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "configurator.broker": broker})
-    service = build(settings.configurator)
+    try:
+        service = build(settings.configurator)
+    except (OSError, AccountError) as exc:
+        raise click.ClickException(f"configurator: {exc}") from None
     service.start()
     asyncio.run(_until_signal())
     service.stop()

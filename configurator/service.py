@@ -18,7 +18,7 @@ import paho.mqtt.client as paho
 from pydantic import ValidationError
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
-from homenet.accounts import Accounts
+from homenet.accounts import AccountError, AccountStore
 from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
@@ -49,7 +49,7 @@ class Rejected(Exception):
 
 class Configurator:
     def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 key: KeyPair, accounts: Accounts | None = None, login: tuple[str, str] | None = None) -> None:
+                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None) -> None:
         """`accounts`: the broker accounts this configurator issues (None: no broker auth);
         `login`: its own (username, password) on the broker."""
         self.settings = settings
@@ -212,7 +212,7 @@ class Configurator:
                        "user.remove": self._user_remove}[command.op]
             result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
-        except Rejected as exc:
+        except (Rejected, AccountError) as exc:  # AccountError: e.g. Mosquitto refused the change
             log.warning("command %s from %s refused: %s", command.op, envelope.sender, exc)
             reply = CommandReply(re=envelope.id, ok=False, error=str(exc))
         self._publish(self.topics.command_reply, "command.reply", reply)
@@ -461,8 +461,10 @@ class Configurator:
         self.client.publish(self.topics.device(record.device_id, "config"),
                             record.config_payload.encode(), qos=1, retain=True)
         self.event("config.sent", device_id=record.device_id, version=record.version, profile=record.profile)
-        failures = [r for r in self.driver.apply(record.config) if r.status == ItemStatus.FAILED]
-        for failure in failures:
+        results = self.driver.apply(record.config)
+        for failure in (r for r in results if r.status == ItemStatus.FAILED):
             self.event("gateway.failed", Severity.ERROR, device_id=record.device_id,
                        reason=f"{failure.item}: {failure.detail}")
+        for refused in (r for r in results if r.status == ItemStatus.UNSUPPORTED):  # e.g. a third-party router
+            self.event("gateway.unsupported", device_id=record.device_id, reason=f"{refused.item}: {refused.detail}")
         self.publish_gateway_state()

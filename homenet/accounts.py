@@ -1,5 +1,8 @@
 """Broker accounts: the file the configurator writes and the embedded broker reads.
 
+`AccountStore` is what the configurator needs of any account store: this file, or an external
+Mosquitto's dynamic-security plugin (`homenet.configurator.dynsec.DynsecAccounts`).
+
 Every password is made by homenet (32 random bytes, URL-safe), never chosen by a person, so a
 salted SHA-256 is enough: a slow hash protects guessable passwords, and these are not
 guessable. The file holds only hashes; it is replaced atomically.
@@ -14,6 +17,7 @@ import secrets
 import threading
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Protocol
 
 from homenet.acl import Role
 from homenet.durable import read_json, write_atomic, write_json_atomic
@@ -36,11 +40,32 @@ def check_password(password: str, stored: str) -> bool:
     return scheme == "sha256" and hmac.compare_digest(hash_password(password, salt), stored)
 
 
+class AccountError(RuntimeError):
+    """A store that could not make a change: unreachable, or refusing it (the text says why)."""
+
+
 @dataclass(frozen=True)
 class Account:
     name: str
     role: Role
     hash: str
+    """Salted hash of the password; empty where the store does not disclose it (dynsec)."""
+
+
+class AccountStore(Protocol):
+    """The broker accounts a configurator issues, wherever the broker keeps them."""
+
+    def get(self, name: str) -> Account | None: ...
+
+    def set(self, name: str, role: Role) -> str:
+        """Create or replace an account; returns its new password. May raise AccountError."""
+        ...
+
+    def remove(self, name: str) -> None: ...
+
+    def authenticate(self, name: str, password: str) -> Account | None:
+        """The account, if `password` is its password."""
+        ...
 
 
 class Accounts:
@@ -93,14 +118,14 @@ class Accounts:
         self._stamp = None
 
 
-def ensure_account(accounts: Accounts, name: str, role: Role, secret: Path) -> str:
+def ensure_account(accounts: AccountStore, name: str, role: Role, secret: Path) -> str:
     """The password of a service account kept in an owner-only file; (re)made when missing."""
     try:
         password = Path(secret).read_text().strip()
     except FileNotFoundError:
         password = ""
-    account = accounts.get(name)
-    if password and account and account.role == role and check_password(password, account.hash):
+    account = accounts.authenticate(name, password) if password else None
+    if account is not None and account.role == role:
         return password
     password = accounts.set(name, role)
     write_atomic(Path(secret), (password + "\n").encode(), mode=0o600)

@@ -7,12 +7,20 @@ dynamic-security provisioning both render these rules).
 - unknown (no username; the client id is its device id): publish only its own register and
   status (its will: presence is not configuration); read configurator/state and its own
   register/reply.
-- reader (read-only operator): read everything under the root, publish nothing.
-- operator: what a reader may, and publish configurator commands.
+- reader (read-only operator): read everything under the root but the secrets (devices'
+  register/reply, which carries their broker password, and the command replies, which carry
+  new operator passwords), publish nothing.
+- operator: read everything but devices' register/reply, and publish configurator commands.
+
+The rules are one table, `RULES`: the `may_*` functions below read it, and so does
+`homenet.configurator.dynsec`, which turns it into Mosquitto roles. Entries are topics
+relative to the root; `TREE` is the whole tree (the root and everything under it) and
+`{id}` stands for the client's own device id.
 """
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from enum import StrEnum
 
 from homenet.schemas.topics import Topics, TopicError, check_device_id
@@ -29,41 +37,84 @@ class Role(StrEnum):
 DEVICE_PUBLISH = ("register", "config/result", "info", "status", "rpc/reply")
 DEVICE_READ = ("config", "register/reply", "rpc")
 
+TREE = "#"
+OWN = "{id}"
+
+
+def own(*channels: str) -> tuple[str, ...]:
+    """Entries for channels of the client's own device topics."""
+    return tuple(f"device/{OWN}/{c}" for c in channels)
+
+
+@dataclass(frozen=True)
+class Rules:
+    publish: tuple[str, ...]
+    receive: tuple[str, ...]
+    any_filter: bool = False
+    """May subscribe with any filter (`homenet/#`, `#`): what it receives is still checked
+    topic by topic against `receive`. Otherwise only the exact topics in `receive`."""
+    withheld: tuple[str, ...] = ()
+    """Filters (`+` for one level) never delivered, whatever `receive` says: secrets."""
+
+
+SECRETS = ("device/+/register/reply", "configurator/command/reply")
+
+
+RULES: dict[Role, Rules] = {
+    Role.CONFIGURATOR: Rules(publish=(TREE,), receive=(TREE,), any_filter=True),
+    Role.DEVICE: Rules(publish=own(*DEVICE_PUBLISH), receive=("configurator/state", *own(*DEVICE_READ))),
+    Role.UNKNOWN: Rules(publish=own("register", "status"), receive=("configurator/state", *own("register/reply"))),
+    Role.READER: Rules(publish=(), receive=(TREE,), any_filter=True, withheld=SECRETS),
+    Role.OPERATOR: Rules(publish=("configurator/command",), receive=(TREE,), any_filter=True,
+                         withheld=SECRETS[:1]),
+}
+
+
+def render(entry: str, topics: Topics, name: str) -> str:
+    """An entry as an MQTT topic filter: `TREE` is `{root}/#`, `{id}` becomes `name` (a device
+    id, or a broker's substitution pattern such as Mosquitto's `%c`)."""
+    return f"{topics.root}/#" if entry == TREE else f"{topics.root}/{entry.replace(OWN, name)}"
+
 
 def _under(topics: Topics, topic: str) -> bool:
     return topic == topics.root or topic.startswith(topics.root + "/")
 
 
-def _device_topics(topics: Topics, device_id: str, channels: tuple[str, ...]) -> set[str]:
-    try:
-        return {topics.device(check_device_id(device_id), c) for c in channels}
-    except TopicError:
-        return set()
+def _allowed(entries: tuple[str, ...], topics: Topics, name: str, topic: str) -> bool:
+    for entry in entries:
+        if entry == TREE:
+            if _under(topics, topic):
+                return True
+            continue
+        if OWN in entry:
+            try:
+                check_device_id(name)
+            except TopicError:
+                continue
+        if topic == render(entry, topics, name):
+            return True
+    return False
 
 
 def may_publish(role: Role, name: str, topics: Topics, topic: str) -> bool:
-    if role == Role.CONFIGURATOR:
-        return _under(topics, topic)
-    if role == Role.DEVICE:
-        return topic in _device_topics(topics, name, DEVICE_PUBLISH)
-    if role == Role.UNKNOWN:
-        return topic in _device_topics(topics, name, ("register", "status"))
-    if role == Role.OPERATOR:
-        return topic == topics.command
-    return False
+    return _allowed(RULES[role].publish, topics, name, topic)
+
+
+def _matches(topic_filter: str, topic: str) -> bool:
+    """MQTT matching for the `+` single-level wildcard (all `withheld` needs)."""
+    want, have = topic_filter.split("/"), topic.split("/")
+    return len(want) == len(have) and all(w in ("+", h) for w, h in zip(want, have))
 
 
 def may_receive(role: Role, name: str, topics: Topics, topic: str) -> bool:
     """Whether a message on `topic` is delivered to this client."""
-    if role in (Role.CONFIGURATOR, Role.READER, Role.OPERATOR):
-        return _under(topics, topic)
-    channels = DEVICE_READ if role == Role.DEVICE else ("register/reply",)
-    return topic == topics.configurator_state or topic in _device_topics(topics, name, channels)
+    rules = RULES[role]
+    if any(_matches(render(entry, topics, name), topic) for entry in rules.withheld):
+        return False
+    return _allowed(rules.receive, topics, name, topic)
 
 
 def may_subscribe(role: Role, name: str, topics: Topics, topic_filter: str) -> bool:
     """Privileged roles may use any filter (`homenet/#`, `#`): what they receive is still
     checked topic by topic. Devices may only subscribe to the exact topics they may receive."""
-    if role in (Role.CONFIGURATOR, Role.READER, Role.OPERATOR):
-        return True
-    return may_receive(role, name, topics, topic_filter)
+    return RULES[role].any_filter or may_receive(role, name, topics, topic_filter)

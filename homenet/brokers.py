@@ -1,11 +1,15 @@
 """Brokers on a free loopback port, for the benchmark and the tests: embedded amqtt or Mosquitto.
 
 Mosquitto is Debian's real program, run with a config written to a temp dir and stopped by
-its PID.
+its PID. `Mosquitto(dynsec=True)` loads its dynamic-security plugin, initialised with an admin
+(`handle.admin`) through which a configurator provisions accounts (configurator/dynsec.py).
 """
 
 from __future__ import annotations
 
+import glob
+import os
+import secrets
 import shutil
 import socket
 import subprocess
@@ -39,19 +43,71 @@ def wait_listening(port: int, timeout: float = 10.0) -> None:
 
 class Mosquitto:
     name = "mosquitto"
+    DYNSEC_ADMIN = "dynsec-admin"
+    """Not `admin`: that is homenet's own operator account (configurator/app.py)."""
 
-    def __init__(self, port: int | None = None, max_payload: int = 256 * 1024) -> None:
+    def __init__(self, port: int | None = None, max_payload: int = 256 * 1024, dynsec: bool = False,
+                 root: str | None = None) -> None:
+        """`dynsec`: with the dynamic-security plugin, an admin login in `self.admin`, and the
+        `acl_file` patterns for unknown devices under topic root `root` (the default one)."""
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
         self.max_payload = max_payload
         self._dir = Path(tempfile.mkdtemp(prefix="homenet-mosquitto-"))
         self.log_path = self._dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
+        self.dynsec = dynsec
+        self.root = root
+        self.dynsec_file = self._dir / "dynsec.json"
+        self.admin: tuple[str, str] | None = (self.DYNSEC_ADMIN, secrets.token_urlsafe(24)) if dynsec else None
 
     @staticmethod
     def binary() -> str | None:
         return shutil.which("mosquitto") or next(
             (p for p in ("/usr/sbin/mosquitto", "/usr/bin/mosquitto") if Path(p).exists()), None)
+
+    @staticmethod
+    def ctrl() -> str | None:
+        return shutil.which("mosquitto_ctrl") or next(
+            (p for p in ("/usr/bin/mosquitto_ctrl", "/usr/local/bin/mosquitto_ctrl") if Path(p).exists()), None)
+
+    @staticmethod
+    def dynsec_plugin() -> str | None:
+        """The plugin: Debian puts it in the multiarch lib dir (`/usr/lib/x86_64-linux-gnu`)."""
+        import sysconfig
+
+        arch = sysconfig.get_config_var("MULTIARCH") or ""
+        candidates = [f"/usr/lib/{arch}/mosquitto_dynamic_security.so" if arch else "",
+                      *sorted(glob.glob("/usr/lib/*/mosquitto_dynamic_security.so")),
+                      "/usr/lib/mosquitto_dynamic_security.so", "/usr/local/lib/mosquitto_dynamic_security.so"]
+        return next((p for p in candidates if p and Path(p).exists()), None)
+
+    @classmethod
+    def dynsec_missing(cls) -> str | None:
+        """The name of what `Mosquitto(dynsec=True)` needs and does not find, else None."""
+        for name, found in (("mosquitto", cls.binary()), ("mosquitto_ctrl", cls.ctrl()),
+                            ("mosquitto_dynamic_security.so", cls.dynsec_plugin())):
+            if found is None:
+                return name
+        return None
+
+    def _dynsec_conf(self) -> str:
+        from homenet.configurator.dynsec import unknown_acl_file
+        from homenet.schemas import Topics
+
+        missing = self.dynsec_missing()
+        if missing:
+            raise FileNotFoundError(f"{missing} is not installed (Debian package 'mosquitto')")
+        assert self.admin is not None
+        subprocess.run([str(self.ctrl()), "dynsec", "init", str(self.dynsec_file), *self.admin],
+                       check=True, capture_output=True, timeout=30)
+        acl = self._dir / "acl"
+        acl.write_text(unknown_acl_file(Topics(self.root) if self.root else Topics()))
+        # As root, mosquitto would switch to user `mosquitto`, which may not write the plugin's
+        # file (it saves every change) in this root-owned temp dir.
+        user = "user root\n" if os.geteuid() == 0 else ""
+        return (f"{user}plugin {self.dynsec_plugin()}\nplugin_opt_config_file {self.dynsec_file}\n"
+                f"acl_file {acl}\n")
 
     def start(self) -> None:
         binary = self.binary()
@@ -63,7 +119,10 @@ class Mosquitto:
             f"message_size_limit {self.max_payload}\nmax_queued_messages 100000\n"
             # off by default in 2.0: back-to-back small packets then wait ~40 ms for a delayed ACK
             "set_tcp_nodelay true\n"
-            f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nlog_type notice\n")
+            # with dynsec, still allow_anonymous: anonymous clients are unknown devices, with the
+            # rights of the plugin's anonymous group and the acl_file patterns
+            + (self._dynsec_conf() if self.dynsec else "")
+            + f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nlog_type notice\n")
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         try:

@@ -163,6 +163,9 @@ class AgentSettings(Section):
     The check holds up the MQTT loop, so it stays under the 30 s keepalive."""
     info_interval: float = Field(default=10.0, gt=0)
     """Seconds between checks of the device's addresses (an `info` goes out on change)."""
+    upnp_lease: int = Field(default=3600, ge=2, le=604800)
+    """Seconds a port mapping made on the router by UPnP is leased for (renewed at half): how
+    long the router keeps the mapping of a device whose agent is gone."""
 
     @field_validator("device_id")
     @classmethod

@@ -17,6 +17,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from homenet.configurator.app import ADMIN, ADMIN_SECRET
+from homenet.schemas import Topics
+
 from .conftest import require_program
 from .harness import wait_until
 from .netns import Lab, Namespace
@@ -88,9 +91,9 @@ class GatewayHome(Home):
         wait_until(lambda: (self.tmp / "dnsmasq.pid").exists(), 5, "dnsmasq's pidfile")
         return proc
 
-    def start_gateway(self) -> None:
+    def start_gateway(self, beacon: str = "br0") -> None:
         self.process = self.gw.popen(HOMENET, "gateway", "run", "--config", str(self.conf), "--listen", "0.0.0.0:1883",
-                                     "--listen", ":::1883", "--beacon-interface", "br0",
+                                     "--listen", ":::1883", "--beacon-interface", beacon,
                                      stdout=(self.tmp / "gateway.log").open("a"), stderr=subprocess.STDOUT)
 
     def stop_gateway(self) -> None:
@@ -105,24 +108,38 @@ class GatewayHome(Home):
         return self.gw.run(HOMENET, "devices", "forget", device_id, "--config", str(self.conf),
                            "--broker", "mqtt://127.0.0.1:1883", check=False, timeout=30)
 
+    def gateway_state(self) -> dict[str, Any]:
+        """The body of the retained `gateway/state`, read with mosquitto_sub as the gateway's operator."""
+        secret = (self.tmp / "gw" / ADMIN_SECRET).read_text().strip()
+        out = self.gw.run(require_program("mosquitto_sub"), "-h", "127.0.0.1", "-p", "1883", "-u", ADMIN,
+                          "-P", secret, "-t", Topics().gateway_state, "-C", "1", "-W", "5", timeout=10)
+        return json.loads(out.stdout)["body"]
+
     def wan_connect(self, port: int) -> subprocess.CompletedProcess[str]:
         assert self.wan is not None
         return self.wan.run("python3", "-c", TCP_CLIENT, WAN_GW, str(port), check=False, timeout=10)
 
 
-def start_linux_home(lab: Lab, tmp: Path, retry_max: float = 60) -> GatewayHome:
-    """The namespaces, the gateway's own rules and the settings; dnsmasq and homenet are started by the test."""
-    for program in ("nft", "tc"):
-        require_program(program, f"/usr/sbin/{program}")
-    gw, wan = lab.namespace("gw"), lab.namespace("wan")
-    lab.bridge(gw, "br0", f"{GATEWAY_IP}/24")
-    gw.run("ip", "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
+def add_wan(lab: Lab, gw: Namespace) -> Namespace:
+    """The `wan` namespace (eth0 WAN_HOST) behind `gw`'s wan0 (WAN_GW, a public address); `gw` forwards."""
+    wan = lab.namespace("wan")
     gw.run("ip", "link", "add", "wan0", "type", "veth", "peer", "name", "eth0", "netns", wan.name)
     gw.run("ip", "addr", "add", f"{WAN_GW}/24", "dev", "wan0")
     gw.run("ip", "link", "set", "wan0", "up")
     wan.run("ip", "addr", "add", f"{WAN_HOST}/24", "dev", "eth0")
     wan.run("ip", "link", "set", "eth0", "up")
     gw.run("sysctl", "-qw", "net.ipv4.ip_forward=1")
+    return wan
+
+
+def start_linux_home(lab: Lab, tmp: Path, retry_max: float = 60) -> GatewayHome:
+    """The namespaces, the gateway's own rules and the settings; dnsmasq and homenet are started by the test."""
+    for program in ("nft", "tc"):
+        require_program(program, f"/usr/sbin/{program}")
+    gw = lab.namespace("gw")
+    lab.bridge(gw, "br0", f"{GATEWAY_IP}/24")
+    gw.run("ip", "link", "set", "br0", "type", "bridge", "mcast_snooping", "0")
+    wan = add_wan(lab, gw)
     gw.run("nft", "-f", "-", input=FOREIGN_RULES)
     home = GatewayHome(lab, gw, tmp, wan=wan)
     home.conf.write_text(textwrap.dedent(f"""\

@@ -78,13 +78,16 @@ class Gateway:
     """The configurator under test, plus the agents a test starts, all cleaned up at the end."""
 
     def __init__(self, broker: BrokerHandle, tmp: Path, lan: LanSettings | None = None,
-                 accounts_file: Path | None = None, enrollment: str = "auto") -> None:
-        """With `accounts_file` (the one the broker reads) the configurator issues accounts and
-        the watcher logs in as the gateway's local operator."""
+                 accounts_file: Path | None = None, enrollment: str = "auto",
+                 dynsec_admin: tuple[str, str] | None = None) -> None:
+        """With `accounts_file` (the one the broker reads), or with Mosquitto's `dynsec_admin`
+        login, the configurator issues accounts and the watcher logs in as the gateway's local
+        operator."""
         self.broker = broker
         self.tmp = tmp
         self.lan = lan or LanSettings()
         self.accounts_file = accounts_file
+        self.dynsec_admin = dynsec_admin
         self.enrollment = enrollment
         self.topics = Topics()
         self.configurator: Configurator | None = None
@@ -96,9 +99,14 @@ class Gateway:
         return self.tmp / "gateway"
 
     def start(self) -> Configurator:
+        dynsec: dict[str, Any] = {}
+        if self.dynsec_admin:
+            secret = self.tmp / "dynsec-admin.secret"
+            secret.write_text(self.dynsec_admin[1] + "\n")
+            dynsec = {"dynsec_admin": self.dynsec_admin[0], "dynsec_admin_password_file": secret}
         self.configurator = build_configurator(ConfiguratorSettings(
             broker=self.broker.url, data_dir=self.data_dir, lan=self.lan, accounts_file=self.accounts_file,
-            enrollment=self.enrollment))
+            enrollment=self.enrollment, **dynsec))
         if self.watcher is None:
             self.watcher = Watcher(self.broker.url, self.topics, self.admin)
         self.configurator.start()
@@ -109,7 +117,8 @@ class Gateway:
     def admin(self) -> tuple[str, str] | None:
         """The gateway's local operator login, when accounts are on."""
         secret = self.data_dir / ADMIN_SECRET
-        return (ADMIN, secret.read_text().strip()) if self.accounts_file and secret.exists() else None
+        accounts = self.accounts_file or self.dynsec_admin
+        return (ADMIN, secret.read_text().strip()) if accounts and secret.exists() else None
 
     def stop(self) -> None:
         if self.configurator:
