@@ -10,6 +10,14 @@ a restart neither re-applies nor forgets a confirmation. A rolled-back version i
 a later version is, and the same version once more only after a restart (the retained config
 comes back on every reconnect, and retrying it each time would flap the device's network). An
 `info` goes out when the device's interfaces or addresses change.
+
+Before applying, the executor's checkpoint and the config are saved (the apply journal,
+`AgentState.applying`); the write that saves the result drops it. An agent that finds the
+journal at start was stopped mid-apply (crash, power cut): before going online it resumes
+the apply from that checkpoint (`safeapply.py`), which completes it or, if the broker is
+unreachable on the settings left behind, rolls back to the settings from before. Every item
+of that result says `resumed after the agent stopped while applying version N`, its status
+(`ok` or `rolled_back`) says which, and it is sent on connect like any saved result.
 """
 
 from __future__ import annotations
@@ -26,12 +34,13 @@ import paho.mqtt.client as paho
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import ContractError, Envelope, Topics, decode, encode, signed_by
 from homenet.schemas.signing import fingerprint, pairing_code, unb64
-from homenet.schemas.messages import (ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
-                                      RegisterStatus, ResultStatus, RpcReply, Target)
+from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
+                                      ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
 from .device import Device
-from .safeapply import Endpoint, apply_safely, ipv4_endpoints
+from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
+                        save_checkpoint)
 
 log = logging.getLogger(__name__)
 
@@ -109,6 +118,7 @@ class Agent:
     # --- running ---------------------------------------------------------------------------
 
     def start(self) -> None:
+        self._resume_apply()  # first: settings half applied may be what keeps the broker away
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
@@ -206,7 +216,8 @@ class Agent:
                  state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
 
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
-        _, reply = self._trusted(msg.payload, "register.reply")
+        envelope, reply = self._trusted(msg.payload, "register.reply")
+        self._fresh(envelope)
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
@@ -238,17 +249,14 @@ class Agent:
         if config.version == self._rolled_back_version:
             log.debug("config version %d ignored: it was rolled back", config.version)
             return
+
+        def journal(snapshot: object) -> None:  # durable before anything changes
+            self.state.update(applying={"config_id": envelope.id, "config": config.model_dump(mode="json"),
+                                        "checkpoint": save_checkpoint(snapshot)})
+
         results = apply_safely(self.executor, [item for item in config.items if item.target == Target.AGENT],
-                               self.verify_endpoints, self.settings.apply_deadline)
-        result = ConfigResult(re=envelope.id, version=config.version,
-                              status=overall([r.status for r in results]), items=results,
-                              in_force=self.executor.in_force())
-        if result.status == ResultStatus.ROLLED_BACK:  # not applied: a corrected version must apply
-            self._rolled_back_version = config.version
-            self.state.update(last_result=result.model_dump(mode="json"))
-        else:
-            self.state.update(applied_version=config.version, applied_config_id=envelope.id,
-                              last_result=result.model_dump(mode="json"))
+                               self.verify_endpoints, self.settings.apply_deadline, journal=journal)
+        result = self._save_result(envelope.id, config.version, results)
         self._publish("config/result", "config.result", result, retain=True)
         log.info("config version %d: %s (%s)", config.version, result.status.value,
                  ", ".join(f"{r.item} {r.status.value}{': ' + r.detail if r.detail else ''}" for r in results)
@@ -256,15 +264,64 @@ class Agent:
         self.confirmed.set()
         self._send_info_if_changed()
 
+    def _save_result(self, config_id: str, version: int, results: list[ItemResult]) -> ConfigResult:
+        """The result, saved with the applied version in one write that also drops the journal."""
+        result = ConfigResult(re=config_id, version=version, status=overall([r.status for r in results]),
+                              items=results, in_force=self.executor.in_force())
+        if result.status == ResultStatus.ROLLED_BACK:  # not applied: a corrected version must apply
+            self._rolled_back_version = version
+            self.state.update(last_result=result.model_dump(mode="json"), applying=None)
+        else:
+            self.state.update(applied_version=version, applied_config_id=config_id,
+                              last_result=result.model_dump(mode="json"), applying=None)
+        return result
+
+    def _resume_apply(self) -> None:
+        """Finish or roll back an apply that a stop interrupted (see the module doc)."""
+        pending = self.state.state.applying
+        if not pending:
+            return
+        try:
+            config = Config.model_validate(pending["config"])
+            snapshot = load_checkpoint(pending["checkpoint"])
+        except (KeyError, TypeError, ValueError) as exc:  # pydantic's ValidationError is a ValueError
+            log.error("apply journal unreadable (%s); dropped: the retained config applies again", exc)
+            self.state.update(applying=None)
+            return
+        if config.version <= self.state.state.applied_version:  # its result was saved after all
+            self.state.update(applying=None)
+            return
+        note = f"resumed after the agent stopped while applying version {config.version}"
+        log.warning("%s; resuming from the checkpoint taken before it", note[0].upper() + note[1:])
+        results = apply_safely(self.executor, [item for item in config.items if item.target == Target.AGENT],
+                               self.verify_endpoints, self.settings.apply_deadline, resume_from=snapshot)
+        result = self._save_result(pending.get("config_id", ""), config.version, note_resumed(results, note))
+        log.warning("config version %d %s: %s", config.version,
+                    "rolled back" if result.status == ResultStatus.ROLLED_BACK else "completed",
+                    "; ".join(f"{r.item} {r.status.value}" for r in result.items) or "no agent items")
+        if result.status != ResultStatus.ROLLED_BACK:
+            self.confirmed.set()
+
     def _on_rpc(self, msg: paho.MQTTMessage) -> None:
         envelope, rpc = self._trusted(msg.payload, "rpc")
+        self._fresh(envelope)
         result: dict[str, Any] = {}
         if rpc.method == "refresh":
             self._send_info_if_changed(force=True)
         elif rpc.method == "state":
-            result = {**self.state.state.model_dump(exclude={"last_result"}),
+            result = {**self.state.state.model_dump(exclude={"last_result", "password"}),
                       "in_force": self.executor.in_force()}
         self._publish("rpc/reply", "rpc.reply", RpcReply(re=envelope.id, ok=True, result=result))
+
+    def _fresh(self, envelope: Envelope) -> None:
+        """A live message must be newer than every one accepted before (persisted): a captured
+        reply or rpc published again is refused. Retained messages (config, configurator/state)
+        come back with their old seq by design; their version and epoch protect them."""
+        last = self.state.state.configurator_seq
+        if envelope.seq <= last:
+            raise ContractError(f"replayed or out of order: {envelope.kind} seq {envelope.seq} "
+                                f"is not above {last}, the last accepted from the configurator")
+        self.state.update(configurator_seq=envelope.seq)
 
     # --- info ------------------------------------------------------------------------------
 

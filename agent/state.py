@@ -20,6 +20,8 @@ class AgentState(BaseModel):
     username: str | None = None
     password: str | None = None
     """Broker account issued at enrollment (this file is owner-only)."""
+    configurator_seq: int = 0
+    """The newest `seq` accepted in a live (not retained) message from the configurator."""
     beacon_epoch: int = 0
     beacon_counter: int = 0
     """The newest beacon accepted: an older (epoch, counter) is a replay and is ignored."""
@@ -27,6 +29,11 @@ class AgentState(BaseModel):
     """The last `config.result` body (of the applied version, or of a version that was rolled
     back), re-sent in a fresh envelope (a new seq, so not a replay) on every connect, since
     the broker may have lost it."""
+    applying: dict | None = None
+    """The apply journal: written before a config's items are applied, dropped in the write that
+    saves its result. `{"config_id", "config" (the config body), "checkpoint" (the executor's
+    snapshot from before, safeapply.save_checkpoint)}`. Found at start, it means the agent
+    stopped mid-apply: the apply is resumed, completed or rolled back (agent/service.py)."""
 
 
 class StateFile:

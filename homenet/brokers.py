@@ -25,6 +25,9 @@ class BrokerHandle(Protocol):
     name: str
     url: str
     port: int
+    cafile: Path | None
+    """The certificate to trust when the broker speaks TLS, else None."""
+    fingerprint: str | None
 
     def start(self) -> None: ...
     def stop(self) -> None: ...
@@ -47,13 +50,22 @@ class Mosquitto:
     """Not `admin`: that is homenet's own operator account (configurator/app.py)."""
 
     def __init__(self, port: int | None = None, max_payload: int = 256 * 1024, dynsec: bool = False,
-                 root: str | None = None) -> None:
+                 root: str | None = None, tls: bool = False) -> None:
         """`dynsec`: with the dynamic-security plugin, an admin login in `self.admin`, and the
-        `acl_file` patterns for unknown devices under topic root `root` (the default one)."""
+        `acl_file` patterns for unknown devices under topic root `root` (the default one).
+        `tls`: the listener speaks TLS only, with a certificate made as the gateway makes its
+        own (`cafile`, `fingerprint`)."""
         self.port = port or free_port()
-        self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
         self.max_payload = max_payload
         self._dir = Path(tempfile.mkdtemp(prefix="homenet-mosquitto-"))
+        self.cafile: Path | None = None
+        self.fingerprint: str | None = None
+        if tls:
+            from homenet.tls import ensure_certificate, fingerprint
+
+            self.cafile = self._dir / "broker-cert.pem"
+            self.fingerprint = fingerprint(ensure_certificate(self.cafile, self._dir / "broker-key.pem"))
         self.log_path = self._dir / "mosquitto.log"
         self.proc: subprocess.Popen[bytes] | None = None
         self.dynsec = dynsec
@@ -116,6 +128,7 @@ class Mosquitto:
         conf = self._dir / "mosquitto.conf"
         conf.write_text(
             f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
+            + (f"certfile {self.cafile}\nkeyfile {self._dir / 'broker-key.pem'}\n" if self.cafile else "") +
             f"message_size_limit {self.max_payload}\nmax_queued_messages 100000\n"
             # off by default in 2.0: back-to-back small packets then wait ~40 ms for a delayed ACK
             "set_tcp_nodelay true\n"
@@ -155,6 +168,8 @@ class Embedded:
 
         self.port = port or free_port()
         self.url = f"mqtt://127.0.0.1:{self.port}"
+        self.cafile: Path | None = None
+        self.fingerprint: str | None = None
         self._thread = BrokerThread(BrokerSettings(listeners=[f"127.0.0.1:{self.port}"], max_payload=max_payload,
                                                    accounts_file=accounts_file), Topics())
 

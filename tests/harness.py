@@ -34,12 +34,14 @@ def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = 
 class Watcher:
     """Collects every message under the topic root, as `mosquitto_sub -v -t 'homenet/#'` would."""
 
-    def __init__(self, url: str, topics: Topics, login: tuple[str, str] | None = None) -> None:
+    def __init__(self, url: str, topics: Topics, login: tuple[str, str] | None = None,
+                 cafile: Path | None = None) -> None:
         self.messages: list[tuple[str, bytes, bool]] = []
         self._lock = threading.Lock()
         broker = BrokerUrl.parse(url)
         self.client = make_client(f"test-watcher-{id(self)}", clean_session=True,
-                                  username=login[0] if login else None, password=login[1] if login else None)
+                                  username=login[0] if login else None, password=login[1] if login else None,
+                                  cafile=cafile if broker.tls else None)
         ready = threading.Event()
 
         def on_connect(client: Any, *_: Any) -> None:
@@ -106,9 +108,9 @@ class Gateway:
             dynsec = {"dynsec_admin": self.dynsec_admin[0], "dynsec_admin_password_file": secret}
         self.configurator = build_configurator(ConfiguratorSettings(
             broker=self.broker.url, data_dir=self.data_dir, lan=self.lan, accounts_file=self.accounts_file,
-            enrollment=self.enrollment, **dynsec))
+            enrollment=self.enrollment, broker_cafile=self.broker.cafile, **dynsec))
         if self.watcher is None:
-            self.watcher = Watcher(self.broker.url, self.topics, self.admin)
+            self.watcher = Watcher(self.broker.url, self.topics, self.admin, self.broker.cafile)
         self.configurator.start()
         wait_until(self.configurator.connected.is_set, what="configurator connected")
         return self.configurator
@@ -130,6 +132,7 @@ class Gateway:
         device_id = device_id or f"test-{device_type}"
         agent = build_agent(AgentSettings(broker=self.broker.url, device_id=device_id, device_type=device_type,
                                           model=f"Test {device_type}", collector="simulated",
+                                          broker_fingerprint=self.broker.fingerprint,
                                           data_dir=self.tmp / "agents" / device_id))
         self.agents.append(agent)
         if start:

@@ -13,6 +13,7 @@ import hashlib
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -89,7 +90,10 @@ def enrolled(gateway: Gateway, kind: str, device_id: str | None = None):  # noqa
     record = gateway.wait_configured(agent.device_id)
     wait_until(lambda: agent.state.state.username == agent.device_id and agent.client.is_connected(),
                what=f"{agent.device_id} logged in with its own account")
-    return agent, record
+    # settled: the configurator has the info the agent sends once its address is applied
+    wait_until(lambda: (r := gateway.record(agent.device_id)) and r.info == agent.device_info(),
+               what=f"{agent.device_id}'s info with its address")
+    return agent, gateway.record(agent.device_id)
 
 
 def pub(gateway: Gateway, mosquitto_pub: str, topic: str, payload: bytes, *login: str,
@@ -478,3 +482,27 @@ def test_mosquitto_roles_say_what_the_rules_say() -> None:
             assert receive == may_receive(role, "dev-a", topics, topic), (role, topic)
         if RULES[role].any_filter:
             assert decide(acls, "subscribePattern", "#") is True
+
+
+def test_the_agent_refuses_a_replayed_rpc(gateway: Gateway, mosquitto_pub: str) -> None:
+    """Live messages from the configurator must carry a seq above every one the agent accepted."""
+    from homenet.schemas.messages import Rpc
+
+    agent = gateway.agent("nas", "rpc-1")
+    gateway.wait_configured("rpc-1")
+    key = gateway.configurator.key
+    seq = agent.state.state.configurator_seq + 10**6
+    _, ask = encode("rpc", Rpc(method="state"), sender="configurator", seq=seq, sign=key.sign)
+    replies = gateway.topics.device("rpc-1", "rpc/reply")
+    count = lambda: sum(t == replies for t, _, _ in gateway.watcher.messages)  # noqa: E731
+    pub(gateway, mosquitto_pub, gateway.topics.device("rpc-1", "rpc"), ask)
+    wait_until(lambda: count() == 1, what="the rpc answered")
+    reply = next(p for t, p, _ in gateway.watcher.messages if t == replies)
+    assert b"password" not in reply, "state never includes the broker password"
+    pub(gateway, mosquitto_pub, gateway.topics.device("rpc-1", "rpc"), ask)  # the same, captured
+    probe = encode("rpc", Rpc(method="ping"), sender="configurator", seq=seq + 1, sign=key.sign)[1]
+    pub(gateway, mosquitto_pub, gateway.topics.device("rpc-1", "rpc"), probe)
+    wait_until(lambda: agent.state.state.configurator_seq == seq + 1, what="the fresh ping accepted")
+    wait_until(lambda: count() >= 2, what="the fresh ping answered")
+    time.sleep(0.3)
+    assert count() == 2, "the replayed rpc got no answer"

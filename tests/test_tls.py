@@ -1,5 +1,6 @@
 """TLS: the gateway makes its certificate on first start; agents trust exactly that one
-(pinned by its SHA-256), and plain TCP can be turned off."""
+(pinned by its SHA-256), and plain TCP can be turned off. On the embedded broker through
+`homenet gateway run`, and on Mosquitto with dynamic security."""
 
 from __future__ import annotations
 
@@ -11,11 +12,16 @@ from pathlib import Path
 
 import pytest
 
-from homenet.brokers import wait_listening
+from homenet.agent.app import build as build_agent
+from homenet.brokers import Mosquitto, wait_listening
+from homenet.configurator.operator import send_command
 from homenet.netutil import free_port
-from homenet.tls import ensure_certificate, fingerprint
+from homenet.schemas.messages import Command
+from homenet.settings import AgentSettings
+from homenet.tls import CertificateMismatch, ensure_certificate, fingerprint
 
-from .harness import wait_until
+from .conftest import require_program
+from .harness import Gateway, wait_until
 from .test_cli import Processes, devices_list
 
 BIN = Path(sys.executable).parent
@@ -90,3 +96,43 @@ def test_mosquitto_sub_reads_the_tree_over_tls_with_an_operator_account(tls_gate
                            "--insecure", "-u", "alice", "-P", password, "-v", "-t", "homenet/#", "-W", "3"],
                           capture_output=True, text=True, timeout=20)
     assert "homenet/v1/device/tls-3/config " in read.stdout
+
+
+@pytest.fixture
+def tls_mosquitto(tmp_path: Path) -> Iterator[Gateway]:
+    """Mosquitto speaking TLS only, with dynamic security provisioned by the configurator."""
+    if missing := Mosquitto.dynsec_missing():
+        require_program(missing)
+    broker = Mosquitto(dynsec=True, tls=True)
+    broker.start()
+    gateway = Gateway(broker, tmp_path, dynsec_admin=broker.admin)
+    try:
+        gateway.start()
+        yield gateway
+    finally:
+        gateway.close()
+        broker.stop()
+
+
+def test_on_mosquitto_everything_speaks_tls_with_the_pinned_certificate(
+        tls_mosquitto: Gateway, tmp_path: Path, mosquitto_sub: str) -> None:
+    gw, broker = tls_mosquitto, tls_mosquitto.broker
+    agent = gw.agent("nas", "tls-m")
+    gw.wait_configured("tls-m")
+    wait_until(lambda: agent.state.state.username == "tls-m" and agent.client.is_connected(), what="logged in")
+
+    other = fingerprint(ensure_certificate(tmp_path / "other.pem", tmp_path / "other.key"))
+    with pytest.raises(CertificateMismatch, match="refusing to connect"):
+        build_agent(AgentSettings(broker=broker.url, broker_fingerprint=other, device_id="tls-x",
+                                  collector="simulated", data_dir=tmp_path / "tls-x"))
+
+    plain = subprocess.run([mosquitto_sub, "-h", "127.0.0.1", "-p", str(broker.port), "-t", "homenet/#", "-W", "3"],
+                           capture_output=True, text=True, timeout=20)
+    assert plain.returncode != 0
+
+    reply = send_command(broker.url, Command(op="user.add", user="alice", read_only=True), "homenet/v1",
+                         gw.admin, cafile=broker.cafile)
+    read = subprocess.run([mosquitto_sub, "-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(broker.cafile),
+                           "--insecure", "-u", "alice", "-P", reply.result["password"], "-v", "-t", "homenet/#",
+                           "-W", "3"], capture_output=True, text=True, timeout=20)
+    assert "homenet/v1/device/tls-m/config " in read.stdout
