@@ -120,9 +120,14 @@ class EmbeddedBroker:
         await self._broker.start()
         log.info("broker listening on %s", ", ".join(self.settings.listeners))
 
-    async def stop(self) -> None:
+    async def stop(self, timeout: float = 10.0) -> None:
+        """amqtt's shutdown has been seen to never return (after "PUBACK for unknown pending
+        message"): give up waiting after `timeout` so a stop or restart is never stuck."""
         if self._broker is not None:
-            await self._broker.shutdown()
+            try:
+                await asyncio.wait_for(self._broker.shutdown(), timeout)
+            except asyncio.TimeoutError:
+                log.warning("broker shutdown did not finish in %g s; stopping anyway", timeout)
 
 
 async def serve_forever(settings: BrokerSettings, topics: Topics, stop: asyncio.Event) -> None:

@@ -448,7 +448,10 @@ class Configurator:
                                              "error": str(exc)}), False
         if record.config and plan.items == record.config.items and record.state != State.UNPLANNED:
             return record, False
-        config = Config(device_id=record.device_id, version=record.version + 1, epoch=self.epoch,
+        # Above what the device reports applied too: after `forget` the record starts afresh,
+        # and an agent ignores any version at or below the one it applied.
+        version = max(record.version, record.info.applied_version) + 1
+        config = Config(device_id=record.device_id, version=version, epoch=self.epoch,
                         profile=plan.profile.name, items=plan.items)
         _, payload = encode("config", config, sender=self.sender, seq=self._seq.next(), sign=self.key.sign)
         return record.model_copy(update={

@@ -46,3 +46,14 @@ def test_a_command_without_a_configurator_says_so(embedded: BrokerHandle) -> Non
     out = subprocess.run([HOMENET, "devices", "forget", "x", "--broker", embedded.url],
                          capture_output=True, text=True, timeout=60)
     assert out.returncode != 0 and "no answer from a configurator" in out.stderr
+
+
+def test_a_forgotten_device_that_comes_back_gets_a_version_it_will_apply(gateway: Gateway) -> None:
+    agent = gateway.agent("nas")
+    gateway.wait_configured("test-nas")
+    gateway.stop_agent(agent)
+    assert homenet(gateway.broker, "devices", "forget", "test-nas").returncode == 0
+
+    again = gateway.agent("nas")  # same state dir: it applied version 1 before
+    record = gateway.wait_configured("test-nas", version=2)
+    assert again.state.state.applied_version == 2 and record.result.version == 2
