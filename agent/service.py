@@ -292,7 +292,8 @@ class Agent:
             self.state.update(applying=None)
             return
         note = f"resumed after the agent stopped while applying version {config.version}"
-        log.warning("%s; resuming from the checkpoint taken before it", note[0].upper() + note[1:])
+        log.warning("the agent stopped while applying config version %d: resuming it from the checkpoint "
+                    "taken before", config.version)
         results = apply_safely(self.executor, [item for item in config.items if item.target == Target.AGENT],
                                self.verify_endpoints, self.settings.apply_deadline, resume_from=snapshot)
         result = self._save_result(pending.get("config_id", ""), config.version, note_resumed(results, note))

@@ -120,7 +120,7 @@ class EmbeddedBroker:
         await self._broker.start()
         log.info("broker listening on %s", ", ".join(self.settings.listeners))
 
-    async def stop(self, timeout: float = 10.0) -> None:
+    async def stop(self, timeout: float = 3.0) -> None:
         """amqtt's shutdown has been seen to never return (after "PUBACK for unknown pending
         message"): give up waiting after `timeout` so a stop or restart is never stuck."""
         if self._broker is not None:

@@ -177,6 +177,12 @@ class Configurator:
                 if msg.retain:  # our own earlier input, handed back on (re)subscribe
                     log.debug("retained %s seq %d already processed", msg.topic, envelope.seq)
                     return
+                if msg.dup and envelope.seq == record.last_seq:
+                    # QoS 1 redelivery (DUP is set by the broker, not passed on from the sender):
+                    # a configurator that died after its commit and before its PUBACK gets the
+                    # message again from its persistent session. Already processed; not a replay.
+                    log.debug("redelivered %s seq %d already processed", msg.topic, envelope.seq)
+                    return
                 raise Rejected(f"replayed or out of order: seq {envelope.seq} is not above "
                                f"{record.last_seq}, the last accepted from {topic.device_id}")
             if envelope.kind != "register":  # a register may bring the key; its handler checks
