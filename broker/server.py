@@ -65,6 +65,22 @@ class HomenetBroker(Broker):
         super().__init__(broker_config(settings, topics.root))
         self.max_payload = settings.max_payload
         self.topics = topics
+        self._writers: set[asyncio.StreamWriter] = set()
+
+    async def stream_connected(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                               listener_name: str) -> None:
+        self._writers.add(writer)  # so that a stuck shutdown can still drop every client
+        try:
+            await super().stream_connected(reader, writer, listener_name)
+        finally:
+            self._writers.discard(writer)
+
+    def abort_connections(self) -> None:
+        """Close the listeners and reset every client connection at once."""
+        for server in self._servers.values():
+            server.instance.close()
+        for writer in list(self._writers):
+            writer.transport.abort()
 
     async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
@@ -122,12 +138,14 @@ class EmbeddedBroker:
 
     async def stop(self, timeout: float = 3.0) -> None:
         """amqtt's shutdown has been seen to never return (after "PUBACK for unknown pending
-        message"): give up waiting after `timeout` so a stop or restart is never stuck."""
+        message"): after `timeout` every connection is dropped, so clients see the broker go
+        (and reconnect to the next one) and a stop or restart is never stuck."""
         if self._broker is not None:
             try:
                 await asyncio.wait_for(self._broker.shutdown(), timeout)
             except asyncio.TimeoutError:
-                log.warning("broker shutdown did not finish in %g s; stopping anyway", timeout)
+                log.warning("broker shutdown did not finish in %g s; dropping every connection", timeout)
+                self._broker.abort_connections()
 
 
 async def serve_forever(settings: BrokerSettings, topics: Topics, stop: asyncio.Event) -> None:
