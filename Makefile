@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo run test bench bench-day0 schemas clean
+.PHONY: demo run test bench bench-storm bench-day0 schemas clean
 
 $(STAMP): pyproject.toml
 	@sh scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
@@ -23,6 +23,9 @@ test: $(STAMP)
 
 bench: $(STAMP)
 	$(BIN)/homenet bench onboard
+
+bench-storm: $(STAMP) ## N agents at once (250, 1000, 5000) on amqtt and Mosquitto; ARGS="--agents 1000 --timeout 120"
+	$(BIN)/homenet bench storm $(ARGS)
 
 bench-day0: $(STAMP) ## day-0 time (link-up to usable IPv4), homenet against DHCP; root, dnsmasq-base, busybox
 	$(BIN)/python bench/day0.py $(ARGS)

@@ -350,3 +350,27 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
     from .bench import run_onboard
 
     run_onboard(count, list(brokers) or ["amqtt", "mosquitto"])
+
+
+@bench.command("storm")
+@click.option("--agents", "counts", multiple=True, type=click.IntRange(min=1),
+              help="Agents that connect and register at once (repeatable; default 250, 1000, 5000).")
+@click.option("--broker", "brokers", multiple=True, type=click.Choice(["amqtt", "mosquitto"]),
+              help="amqtt: `gateway run` (broker and configurator in one process); mosquitto: Mosquitto "
+              "and `configurator run` (default: both).")
+@click.option("--timeout", default=60.0, show_default=True, help="Seconds one run may take; then it stops.")
+@click.option("--processes", default=2, show_default=True, help="Load generator processes.")
+@click.option("--profile", type=click.Path(path_type=Path, dir_okay=False),
+              help="py-spy the configurator process during each run; collapsed stacks to FILE-<broker>-<N>.txt.")
+@click.option("--footprint/--no-footprint", default=True, show_default=True,
+              help="Also measure an agent (start to CONNECT, RSS once configured) and the configurator "
+              "at rest on a database of 1,000 and of 5,000 devices (up to 3 min each).")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="All results as JSON.")
+@click.option("--keep", is_flag=True, help="Keep each run's temp dir (database, configurator log).")
+def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: float, processes: int,
+                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool) -> None:
+    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS."""
+    from .storm import run_storm
+
+    run_storm(list(counts) or [250, 1000, 5000], list(brokers) or ["amqtt", "mosquitto"], timeout, processes,
+              profile, footprint, json_out, keep)
