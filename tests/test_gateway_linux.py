@@ -49,16 +49,22 @@ def _comments(rules: list[dict] | None) -> list[str]:
     return sorted(r.get("comment", "") for r in rules or [])
 
 
-def test_nas_port_mapping_forwarded_until_forgotten_and_restored_after_reboot(lab: Lab, tmp_path: Path) -> None:
-    home = start_linux_home(lab, tmp_path)
-    foreign = foreign_ruleset(home.gw)
-    home.start_dnsmasq()
-    home.start_gateway()
+def serving_nas(home):  # noqa: ANN001, ANN201
+    """A NAS agent onboarded, and a TCP server on the port its mapping forwards to."""
     nas, proc, log = home.device("nas", "nas")
     home.wait_result(1)
     record = record_of(home, nas)
     mapping = next(i for i in record.config.items if i.kind == "port_mapping")
     nas.popen(sys.executable, "-c", TCP_SERVER, str(mapping.internal_port))
+    return nas, proc, log, record, mapping
+
+
+def test_nas_port_mapping_forwarded_until_forgotten_and_restored_after_reboot(lab: Lab, tmp_path: Path) -> None:
+    home = start_linux_home(lab, tmp_path)
+    foreign = foreign_ruleset(home.gw)
+    home.start_dnsmasq()
+    home.start_gateway()
+    nas, proc, log, record, mapping = serving_nas(home)
     key = f"homenet {record.device_id} port_mapping:tcp/{mapping.external_port}"
 
     reply = wait_until(lambda: (r := home.wan_connect(mapping.external_port)).returncode == 0 and r,
@@ -165,11 +171,7 @@ def test_failed_gateway_operations_are_reported_retried_and_never_half_applied(l
         return home.gw.run("nft", "list", "table", "inet", "homenet", check=False).stdout
     wait_until(lambda: "flags owner" in owned_table(), 5, "the foreign owner's table")
     home.start_gateway()
-    nas, proc, log = home.device("nas", "nas")
-    home.wait_result(1)
-    record = record_of(home, nas)
-    mapping = next(i for i in record.config.items if i.kind == "port_mapping")
-    nas.popen(sys.executable, "-c", TCP_SERVER, str(mapping.internal_port))
+    nas, proc, log, record, mapping = serving_nas(home)
 
     text = home.wait_log(f"gateway.failed device={record.device_id}: port_mapping:tcp/{mapping.external_port}: nftables:")
     assert "Operation not permitted" in text

@@ -40,14 +40,15 @@ HOMENET = str(Path(sys.executable).parent / "homenet")
 BROKERS = ["amqtt", "mosquitto"]
 
 
-def secured(kind: str, tmp_path: Path, policy: str = "auto") -> Iterator[Gateway]:
+def secured(kind: str, tmp_path: Path, policy: str = "auto", tls: bool = False) -> Iterator[Gateway]:
     """A broker authenticating every client against the accounts the configurator issues: the
-    embedded one reading its accounts file, or Mosquitto with dynamic security."""
+    embedded one reading its accounts file, or Mosquitto with dynamic security (and `tls`: TLS
+    only, with a certificate made as the gateway makes its own)."""
     if kind == "mosquitto":
         missing = Mosquitto.dynsec_missing()
         if missing:  # mosquitto_ctrl and the plugin come with Debian's package mosquitto
             require_program(missing)
-        broker: Any = Mosquitto(dynsec=True)
+        broker: Any = Mosquitto(dynsec=True, tls=tls)
         broker.start()
         gateway = Gateway(broker, tmp_path, enrollment=policy, dynsec_admin=broker.admin)
     else:
@@ -87,7 +88,7 @@ def stored_accounts(gateway: Gateway) -> str:
 
 def enrolled(gateway: Gateway, kind: str, device_id: str | None = None):  # noqa: ANN201
     agent = gateway.agent(kind, device_id)
-    record = gateway.wait_configured(agent.device_id)
+    gateway.wait_configured(agent.device_id)
     wait_until(lambda: agent.state.state.username == agent.device_id and agent.client.is_connected(),
                what=f"{agent.device_id} logged in with its own account")
     # settled: the configurator has the info the agent sends once its address is applied

@@ -13,15 +13,15 @@ from pathlib import Path
 import pytest
 
 from homenet.agent.app import build as build_agent
-from homenet.brokers import Mosquitto, wait_listening
+from homenet.brokers import wait_listening
 from homenet.configurator.operator import send_command
 from homenet.netutil import free_port
 from homenet.schemas.messages import Command
 from homenet.settings import AgentSettings
 from homenet.tls import CertificateMismatch, ensure_certificate, fingerprint
 
-from .conftest import require_program
 from .harness import Gateway, wait_until
+from .test_security import secured
 from .test_cli import Processes, devices_list
 
 BIN = Path(sys.executable).parent
@@ -101,17 +101,7 @@ def test_mosquitto_sub_reads_the_tree_over_tls_with_an_operator_account(tls_gate
 @pytest.fixture
 def tls_mosquitto(tmp_path: Path) -> Iterator[Gateway]:
     """Mosquitto speaking TLS only, with dynamic security provisioned by the configurator."""
-    if missing := Mosquitto.dynsec_missing():
-        require_program(missing)
-    broker = Mosquitto(dynsec=True, tls=True)
-    broker.start()
-    gateway = Gateway(broker, tmp_path, dynsec_admin=broker.admin)
-    try:
-        gateway.start()
-        yield gateway
-    finally:
-        gateway.close()
-        broker.stop()
+    yield from secured("mosquitto", tmp_path, tls=True)
 
 
 def test_on_mosquitto_everything_speaks_tls_with_the_pinned_certificate(
