@@ -459,11 +459,13 @@ class Bench:
 
     def database(self) -> tuple[int, int] | None:
         """Devices in the configurator's database and its size in bytes."""
-        db = self.work / "gateway" / "homenet-db.json"
+        from homenet.configurator.app import db_path
+        from homenet.configurator.store import SqliteStore
+
+        db = db_path(self.work / "gateway")
         if not db.exists():
             return None
-        from homenet.configurator.store import TinyStore
-        return len(TinyStore(db, read_only=True).all()), db.stat().st_size
+        return len(SqliteStore(db, read_only=True).all()), db.stat().st_size
 
 
 # --- report ------------------------------------------------------------------------------------

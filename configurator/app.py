@@ -13,9 +13,9 @@ from homenet.settings import ConfiguratorSettings, LanSettings, SettingsError
 from .gateway import GatewayDriver, GatewayReporter, MemoryGatewayDriver
 from .ipam import LanPlan
 from .service import Configurator
-from .store import TinyStore
+from .store import SqliteStore
 
-DB_NAME = "homenet-db.json"
+DB_NAME = "homenet.db"
 KEY_NAME = "configurator.key"
 ADMIN, ADMIN_SECRET = "admin", "admin.secret"
 """The gateway's local operator account: `homenet devices ...` on the gateway logs in with it."""
@@ -68,7 +68,7 @@ def build(settings: ConfiguratorSettings) -> Configurator:
         login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
                                                 settings.data_dir / "configurator.secret"))
         ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
-    configurator = Configurator(settings, TinyStore(db_path(settings.data_dir)), make_driver(settings, reporter),
+    configurator = Configurator(settings, SqliteStore(db_path(settings.data_dir)), make_driver(settings, reporter),
                                 KeyPair.load_or_create(settings.data_dir / KEY_NAME), accounts, login)
     reporter.connect(configurator.event, configurator.publish_gateway_state)
     return configurator

@@ -206,13 +206,13 @@ def devices() -> None:
 
 
 def _store(config: Path | None, data_dir: Path | None) -> Any:
-    from .store import TinyStore
+    from .store import SqliteStore
 
     settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.data_dir": data_dir})
     path = db_path(settings.configurator.data_dir)
     if not path.exists():
         raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
-    return TinyStore(path, read_only=True)
+    return SqliteStore(path, read_only=True)
 
 
 @devices.command("list")

@@ -47,8 +47,12 @@ class LanPlan:
         return (address in self.subnet and address not in (self.subnet.network_address,
                 self.subnet.broadcast_address, self.gateway) and not self.in_pool(address))
 
-    def static_addresses(self) -> Iterator[IPv4Address]:
-        return (a for a in self.subnet.hosts() if self.is_static(a))
+    def static_addresses(self, start: IPv4Address | None = None) -> Iterator[IPv4Address]:
+        """In ascending order, from `start` if given (counted, not scanned: a /16 is large)."""
+        first = int(self.subnet.network_address) + 1
+        last = int(self.subnet.broadcast_address) - 1
+        begin = max(first, int(start)) if start is not None else first
+        return (a for a in map(IPv4Address, range(begin, last + 1)) if self.is_static(a))
 
     def static_capacity(self) -> int:
         return sum(1 for _ in self.static_addresses())
@@ -66,8 +70,11 @@ def addresses_of(cidrs: Iterable[str]) -> list[IPv4Address]:
 
 
 def plan_address(lan: LanPlan, device_id: str, *, previous: IPv4Address | None,
-                 reported: Iterable[IPv4Address], in_use: Mapping[IPv4Address, str]) -> IPv4Address:
-    """Choose the device's address; `in_use` maps addresses held by anyone to the holder."""
+                 reported: Iterable[IPv4Address], in_use: Mapping[IPv4Address, str],
+                 search_from: IPv4Address | None = None) -> IPv4Address:
+    """Choose the device's address; `in_use` maps addresses held by anyone to the holder.
+    `search_from`: every static address below it is known to be held, so a new device's
+    search starts there instead of walking past all the others."""
 
     def free(address: IPv4Address) -> bool:
         return lan.is_static(address) and in_use.get(address, device_id) == device_id
@@ -75,7 +82,7 @@ def plan_address(lan: LanPlan, device_id: str, *, previous: IPv4Address | None,
     for candidate in [previous, *reported]:
         if candidate is not None and free(candidate):
             return candidate
-    for candidate in lan.static_addresses():
+    for candidate in lan.static_addresses(search_from if search_from and search_from in lan.subnet else None):
         if free(candidate):
             return candidate
     raise AddressExhausted(

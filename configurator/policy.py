@@ -31,6 +31,8 @@ class NetworkView:
     ports: Mapping[PortKey, str] = field(default_factory=dict)
     gateway: str = "memory"
     """The gateway driver's name: it decides which side carries some items (`AGENT_SIDE`)."""
+    free_from: IPv4Address | None = None
+    """Every static address below this one is held by someone (a search hint, see `plan_address`)."""
 
 
 AGENT_SIDE: Mapping[str, frozenset[str]] = {"upnp": frozenset({"port_mapping"})}
@@ -74,7 +76,8 @@ def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = (
     prev_address, prev_ports = _previous(list(previous))
     try:
         address = plan_address(lan, info.device_id, previous=prev_address,
-                               reported=addresses_of(iface.addresses), in_use=view.addresses)
+                               reported=addresses_of(iface.addresses), in_use=view.addresses,
+                               search_from=view.free_from)
         mappings = [
             PortMappingItem(protocol=need.protocol, internal_port=need.port, description=need.description,
                             target=target(view.gateway, "port_mapping"),

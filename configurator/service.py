@@ -1,16 +1,25 @@
 """The configurator service: wire contract v1 over paho-mqtt around the pure core.
 
-Every handler validates first (topic, envelope, body, sender binding, seq), then computes the
-new device record with the core, commits it in one durable write, and only then publishes
-(reply, retained config, gateway state, events): an acknowledgement is never ahead of the
-database. A message that fails validation is dropped with a log line and an `events` entry.
+Theory of operation. paho's network thread only queues what arrives. One worker thread takes
+everything waiting (up to MAX_BATCH) and handles it inside one store transaction: each
+handler validates (topic, envelope, body, sender binding, seq), computes the new device
+record with the core and puts it; what it would send (replies, retained configs, events,
+gateway changes) is held back in an outbox. After the batch commits (one fsync for all of
+it) the outbox goes out, then the broker gets its PUBACKs (manual acks): no acknowledgement,
+at the MQTT level or ours, is ever ahead of the database. If the commit fails, nothing goes
+out, the store is as before, and the same batch is tried again with backoff; the broker
+keeps the unacknowledged messages meanwhile. A commit refused because another configurator
+claimed a higher epoch (`Fenced`) makes this one stand down without sending anything.
+A message that fails validation is dropped with a log line and an `events` entry.
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import queue
 import threading
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -25,22 +34,26 @@ from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicE
 from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
-                                      Event as EventBody, Ipv4Item, ItemStatus, Model, PortMappingItem,
+                                      Event as EventBody, ItemStatus, Model,
                                       RegisterReply, RegisterStatus, ResultStatus, Severity)
 from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
 
 from .gateway import GatewayDriver
-from .ipam import addresses_of
+from .holdings import Holdings
 from .lifecycle import Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
 from .records import DeviceRecord, now
-from .store import Store
+from .store import Fenced, Store, StoreError
 
 log = logging.getLogger(__name__)
 
 _LEVEL = {Severity.INFO: logging.INFO, Severity.WARNING: logging.WARNING, Severity.ERROR: logging.ERROR}
 SUBSCRIBED_CHANNELS = ("register", "config/result", "info", "status", "config")
+MAX_BATCH = 500
+"""Messages handled in one transaction at most: bounds the work lost to one failed commit."""
+_STOP = object()
+Task = Callable[[], None]
 
 
 class Rejected(Exception):
@@ -59,19 +72,24 @@ class Configurator:
         self.driver = driver
         self.topics = Topics(settings.root)
         self.sender = settings.configurator_id
-        meta = store.meta()
-        self.epoch = int(meta.get("epoch", 0)) + 1
-        store.set_meta(epoch=self.epoch)
-        self._seq = SequenceCounter(int(meta.get("seq_reserved", 0)),
-                                    lambda ceiling: store.set_meta(seq_reserved=ceiling))
+        self.epoch = store.claim_epoch()
+        self._seq = SequenceCounter(int(store.meta().get("seq_reserved", 0)),
+                                    lambda ceiling: store.set_meta_now(seq_reserved=ceiling))
+        self.holdings = Holdings(store.all())
         self.connected = threading.Event()
+        self.fenced = threading.Event()
+        """Set when another configurator took over: this one has stopped sending."""
         self._stopping = False
         self._replanned = False
+        self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
+        self._worker = threading.Thread(target=self._work, name="configurator", daemon=True)
+        self._outbox = threading.local()
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
                                   will=(self.topics.configurator_state, self._state_payload("offline")),
-                                  cafile=settings.broker_cafile if self.broker.tls else None)
+                                  cafile=settings.broker_cafile if self.broker.tls else None,
+                                  manual_ack=True)
         self.client.on_connect = self._on_connect
         self.client.on_disconnect = self._on_disconnect
         self.client.on_message = self._on_message
@@ -84,12 +102,16 @@ class Configurator:
     # --- lifecycle of the service --------------------------------------------------------
 
     def start(self) -> None:
+        self._worker.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
 
     def stop(self) -> None:
+        """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
         self._stopping = True
-        if self.connected.is_set():
+        self._inbox.put(_STOP)
+        self._worker.join(timeout=30)
+        if self.connected.is_set() and not self.fenced.is_set():
             self.client.publish(self.topics.configurator_state, self._state_payload("offline"),
                                 qos=1, retain=True).wait_for_publish(timeout=5)
         self.client.disconnect()
@@ -106,32 +128,121 @@ class Configurator:
             log.error("broker %s refused the configurator: %s", self.broker, reason)
             return
         set_nodelay(client)
+        if self.fenced.is_set():
+            return
         client.subscribe([(self.topics.device_filter(c), 1) for c in SUBSCRIBED_CHANNELS]
                          + [(self.topics.command, 1)])
-        client.publish(self.topics.configurator_state, self._state_payload("online"), qos=1, retain=True)
+        self._inbox.put(self._caught_up)  # in order: before anything the subscriptions bring
+
+    def _caught_up(self) -> None:
+        """After every (re)connect: announce, republish, and re-plan once after start."""
+        self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
         # The broker may have lost its retained messages (amqtt keeps none across restarts).
         for record in self.store.all():
             if record.config_payload:
-                client.publish(self.topics.device(record.device_id, "config"),
-                               record.config_payload.encode(), qos=1, retain=True)
+                self._publish_raw(self.topics.device(record.device_id, "config"), record.config_payload.encode(),
+                                  retain=True)
         self.publish_gateway_state()
         if not self._replanned:  # the LAN or the policy may have changed while we were down
             self._replanned = True
             self._replan_all()
-        log.info("configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
-        self.connected.set()
+        self._later(log.info, "configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
+        self._later(self.connected.set)
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.connected.clear()
         if not self._stopping:
             log.warning("disconnected from broker %s (%s); reconnecting", self.broker, reason)
 
+    # --- the worker: batches, group commits, the outbox ------------------------------------
+
+    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        self._inbox.put(msg)
+
+    def _work(self) -> None:
+        while True:
+            batch = [self._inbox.get()]
+            while len(batch) < MAX_BATCH:
+                try:
+                    batch.append(self._inbox.get_nowait())
+                except queue.Empty:
+                    break
+            work = [item for item in batch if item is not _STOP]
+            if work and not self._run(work):
+                return
+            if len(work) < len(batch):
+                return
+
+    def _run(self, batch: list[Any]) -> bool:
+        """Handle, commit, send, acknowledge; retry the batch while the commit fails. False:
+        this configurator was fenced and must stop."""
+        delay = 0.5
+        while True:
+            self._outbox.actions = []
+            try:
+                with self.store.transaction():
+                    for item in batch:
+                        self._handle(item)
+                break
+            except Fenced as exc:
+                self._stand_down(str(exc))
+                return False
+            except StoreError as exc:
+                self.holdings = Holdings(self.store.all())  # the store is back as it was
+                log.error("database commit failed, %d messages kept unacknowledged; retrying in %.1f s: %s",
+                          sum(isinstance(i, paho.MQTTMessage) for i in batch), delay, exc)
+                self._publish_raw(self.topics.events, encode("event", EventBody(
+                    event="store.failed", severity=Severity.ERROR, reason=str(exc)),
+                    sender=self.sender, seq=self._seq.next(), sign=self.key.sign)[1])
+                if self._stopping:
+                    return False
+                time.sleep(delay)
+                delay = min(delay * 2, 30)
+            finally:
+                actions, self._outbox.actions = self._outbox.actions, None
+        for action in actions:
+            action()
+        for item in batch:
+            if isinstance(item, paho.MQTTMessage) and item.qos:
+                self.client.ack(item.mid, item.qos)
+        return True
+
+    def _handle(self, item: Any) -> None:
+        if isinstance(item, paho.MQTTMessage):
+            self._handle_message(item)
+            return
+        try:
+            item()
+        except (Fenced, StoreError):
+            raise
+        except Exception:  # a bug must not stop the service
+            log.exception("internal error in %s", getattr(item, "__name__", item))
+
+    def _later(self, action: Callable[..., Any], *args: Any, **kwargs: Any) -> None:
+        """Run `action` once the batch being handled has committed (now, outside a batch)."""
+        actions = getattr(self._outbox, "actions", None)
+        if actions is None:
+            action(*args, **kwargs)
+        else:
+            actions.append(lambda: action(*args, **kwargs))
+
+    def _stand_down(self, reason: str) -> None:
+        """Another configurator has a higher epoch: send nothing more, leave without a will
+        (its `offline` would overwrite the new primary's `online`)."""
+        log.error("standing down: %s", reason)
+        self.fenced.set()
+        self.connected.clear()
+        self.client.disconnect()
+
     # --- publishing ----------------------------------------------------------------------
 
     def _publish(self, topic: str, kind: str, body: Model, *, retain: bool = False) -> str:
         msg_id, payload = encode(kind, body, sender=self.sender, seq=self._seq.next(), sign=self.key.sign)
-        self.client.publish(topic, payload, qos=1, retain=retain)
+        self._publish_raw(topic, payload, retain=retain)
         return msg_id
+
+    def _publish_raw(self, topic: str, payload: bytes, *, retain: bool = False) -> None:
+        self._later(self.client.publish, topic, payload, qos=1, retain=retain)
 
     def event(self, name: str, severity: Severity = Severity.INFO, *, device_id: str | None = None,
               reason: str = "", topic: str | None = None, sender: str | None = None, **detail: Any) -> None:
@@ -143,12 +254,14 @@ class Configurator:
         self._publish(self.topics.events, "event", body)
 
     def publish_gateway_state(self) -> None:
-        """What the driver has set, retained on `gateway/state` (also called by the driver's retries)."""
-        self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
+        """What the driver has set, retained on `gateway/state` (also called by the driver's
+        retries); read when sent, after the batch's gateway changes were made."""
+        self._later(lambda: self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(),
+                                          retain=True))
 
     # --- receiving -----------------------------------------------------------------------
 
-    def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+    def _handle_message(self, msg: paho.MQTTMessage) -> None:
         sender = None
         try:
             if msg.topic == self.topics.command:
@@ -177,10 +290,10 @@ class Configurator:
                 if msg.retain:  # our own earlier input, handed back on (re)subscribe
                     log.debug("retained %s seq %d already processed", msg.topic, envelope.seq)
                     return
-                if msg.dup and envelope.seq == record.last_seq:
+                if msg.dup:
                     # QoS 1 redelivery (DUP is set by the broker, not passed on from the sender):
-                    # a configurator that died after its commit and before its PUBACK gets the
-                    # message again from its persistent session. Already processed; not a replay.
+                    # a configurator that died after its commit and before its PUBACKs gets the
+                    # batch again from its persistent session. Already processed; not a replay.
                     log.debug("redelivered %s seq %d already processed", msg.topic, envelope.seq)
                     return
                 raise Rejected(f"replayed or out of order: seq {envelope.seq} is not above "
@@ -191,6 +304,8 @@ class Configurator:
         except (TopicError, ContractError, Rejected) as exc:
             self.event("message.rejected", Severity.WARNING, device_id=sender, topic=msg.topic,
                        sender=sender, reason=str(exc))
+        except (Fenced, StoreError):
+            raise  # the batch's fate, not this message's
         except Exception as exc:  # a bug must not stop the service; say so loudly
             log.exception("internal error handling %s", msg.topic)
             self.event("internal.error", Severity.ERROR, topic=msg.topic, sender=sender,
@@ -205,7 +320,7 @@ class Configurator:
         online = status.state == "online"
         if record is None or record.online == online:
             return
-        self.store.put(record.model_copy(update={"online": online, "updated": now()}))
+        self._put(record.model_copy(update={"online": online, "updated": now()}))
         self.event(f"device.{status.state}", device_id=device_id)
 
     # --- operator commands -----------------------------------------------------------------
@@ -239,7 +354,7 @@ class Configurator:
     def _reject(self, command: Command) -> dict[str, Any]:
         record = self._known(command, State.PENDING)
         record = record.model_copy(update={"state": advance(record.state, Event.REJECT), "updated": now()})
-        self.store.put(record)
+        self._put(record)
         self._reply(record.device_id, record.register_id, RegisterStatus.REJECTED, "rejected by the owner")
         self.event("device.rejected", Severity.WARNING, device_id=record.device_id, reason="rejected by the owner")
         return {"device_id": record.device_id}
@@ -256,7 +371,7 @@ class Configurator:
     def _reset(self, command: Command) -> dict[str, Any]:
         """Unbind the device's key (e.g. a reinstalled agent): its next register binds a new one."""
         record = self._known(command)
-        self.store.put(record.model_copy(update={"public_key": None, "last_seq": 0, "updated": now()}))
+        self._put(record.model_copy(update={"public_key": None, "last_seq": 0, "updated": now()}))
         self._drop_account(record.device_id)
         self.event("device.reset", Severity.WARNING, device_id=record.device_id,
                    reason="key binding cleared by the operator")
@@ -291,10 +406,11 @@ class Configurator:
         """Remove the device and everything set for it; if it comes back it registers afresh."""
         record = self._known(command)
         self.store.delete(record.device_id)
+        self.holdings.remove(record.device_id)
         self._drop_account(record.device_id)
-        self.driver.remove(record.device_id)
+        self._later(self.driver.remove, record.device_id)
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
-            self.client.publish(self.topics.device(record.device_id, channel), b"", qos=1, retain=True)
+            self._publish_raw(self.topics.device(record.device_id, channel), b"", retain=True)
         self.publish_gateway_state()
         self.event("device.forgotten", device_id=record.device_id, address=record.address)
         return {"device_id": record.device_id, "address": record.address}
@@ -306,7 +422,7 @@ class Configurator:
         if payload == ours or (not payload and ours is None):
             return
         if ours is not None:  # restore the retained config the device must see
-            self.client.publish(self.topics.device(device_id, "config"), ours, qos=1, retain=True)
+            self._publish_raw(self.topics.device(device_id, "config"), ours, retain=True)
         if not payload:
             raise Rejected("retained config cleared by another client; restored")
         envelope, config = decode(payload, expected_kind="config")
@@ -359,7 +475,7 @@ class Configurator:
     def _hold(self, record: DeviceRecord) -> None:
         """Enrollment needs the owner: the device waits, told how to let it in."""
         record = record.model_copy(update={"state": advance(record.state, Event.HOLD)})
-        self.store.put(record)
+        self._put(record)
         how = (f"waiting for the owner: homenet devices approve {record.device_id}"
                if self.settings.enrollment == "approve" else
                "waiting for the owner to enter the pairing code this device shows: homenet devices pair CODE")
@@ -369,7 +485,7 @@ class Configurator:
     def _accept(self, record: DeviceRecord, event: Event) -> DeviceRecord:
         """Enrolled: plan, commit, then answer the device's last register and publish its config."""
         record, planned = self._plan(record.model_copy(update={"state": advance(record.state, event)}))
-        self.store.put(record)
+        self._put(record)
         credentials = None
         if self.accounts is not None and record.info.needs_credentials:
             # the register was signed by the bound key: only the device itself gets here
@@ -392,7 +508,7 @@ class Configurator:
         moved = info.interfaces != record.info.interfaces
         record, planned = self._plan(record.model_copy(update={
             "info": info, "last_seq": envelope.seq, "updated": now()}))
-        self.store.put(record)
+        self._put(record)
         if moved:
             self.event("device.info", device_id=record.device_id,
                        addresses=[a for i in info.interfaces for a in i.addresses])
@@ -404,13 +520,13 @@ class Configurator:
         if result.version != record.version:
             raise Rejected(f"stale config.result for version {result.version}; current is {record.version}")
         if result == record.result:  # the agent re-sent it after a reconnect
-            self.store.put(record.model_copy(update={"last_seq": envelope.seq}))
+            self._put(record.model_copy(update={"last_seq": envelope.seq}))
             return
         ok = result.status == ResultStatus.OK
         record = record.model_copy(update={
             "result": result, "last_seq": envelope.seq, "updated": now(),
             "state": advance(record.state, Event.RESULT_OK if ok else Event.RESULT_FAILED)})
-        self.store.put(record)
+        self._put(record)
         if ok:
             self.event("config.applied", device_id=record.device_id, version=result.version)
         else:
@@ -425,23 +541,15 @@ class Configurator:
         for record in self.store.all():
             record, planned = self._plan(record)
             if planned:
-                self.store.put(record)
+                self._put(record)
                 self._after_commit(record, planned)
 
-    def _view(self, exclude: str) -> NetworkView:
-        addresses, ports = {}, {}
-        for other in self.store.all():
-            if other.device_id == exclude:
-                continue
-            for iface in other.info.interfaces:
-                for address in addresses_of(iface.addresses):
-                    addresses[address] = other.device_id
-            for item in other.config.items if other.config else ():
-                if isinstance(item, Ipv4Item):
-                    addresses[item.address] = other.device_id
-                elif isinstance(item, PortMappingItem):
-                    ports[(item.protocol, item.external_port)] = other.device_id
-        return NetworkView(self.driver.lan(), addresses, ports, gateway=self.driver.name)
+    def _put(self, record: DeviceRecord) -> None:
+        self.store.put(record)
+        self.holdings.update(record)
+
+    def _view(self, device_id: str) -> NetworkView:
+        return self.holdings.view(self.driver.lan(), device_id, self.driver.name)
 
     def _plan(self, record: DeviceRecord) -> tuple[DeviceRecord, bool]:
         """Evaluate the device; return the updated record and whether a new config version was made."""
@@ -467,9 +575,12 @@ class Configurator:
     def _after_commit(self, record: DeviceRecord, planned: bool) -> None:
         if not planned or record.config is None:
             return
-        self.client.publish(self.topics.device(record.device_id, "config"),
-                            record.config_payload.encode(), qos=1, retain=True)
+        self._publish_raw(self.topics.device(record.device_id, "config"), record.config_payload.encode(), retain=True)
         self.event("config.sent", device_id=record.device_id, version=record.version, profile=record.profile)
+        self._later(self._apply_on_gateway, record)
+
+    def _apply_on_gateway(self, record: DeviceRecord) -> None:
+        assert record.config is not None
         results = self.driver.apply(record.config)
         for failure in (r for r in results if r.status == ItemStatus.FAILED):
             self.event("gateway.failed", Severity.ERROR, device_id=record.device_id,

@@ -1,65 +1,48 @@
-"""The configuration database: tinydb over a storage that survives power cuts.
+"""The configuration database: SQLite in WAL mode, one row per device, group commits.
 
-tinydb's JSONStorage rewrites its file in place, so a power cut mid-write leaves half a
-database. DurableStorage writes a temp file, fsyncs it and renames it over the old one.
+A home gateway loses power without warning, and after a power cut every device comes back at
+once. Each commit must therefore be durable (`synchronous=FULL`: the WAL is fsynced before
+COMMIT returns) and cheap (it writes only the rows that changed, so its cost does not grow
+with the number of devices), and many changes share one commit: inside `transaction()` puts
+are applied to the in-memory view at once and written together when the block ends. If the
+commit fails, the in-memory view is put back as it was, so nothing is ever shown that is not
+on disk.
+
+Fencing: a configurator claims the next epoch with `claim_epoch()`; from then on every
+commit first checks, inside the write lock, that no other configurator has claimed a higher
+one since. A fenced commit raises `Fenced` and writes nothing.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import sqlite3
+import threading
+from collections.abc import Iterable, Iterator
+from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
 from typing import Any, Protocol
 
-from tinydb import Query, TinyDB
-from tinydb.storages import Storage
-
-from homenet.durable import write_atomic
+from pydantic import ValidationError
 
 from .records import DeviceRecord
 
+APPLICATION_ID = 0x686E6574  # "hnet": tells a homenet database from any other SQLite file
+SCHEMA_VERSION = 1
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS devices (device_id TEXT PRIMARY KEY, doc TEXT NOT NULL);
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
+"""
+_MISSING = object()
+
 
 class StoreError(Exception):
-    """The database file cannot be read (e.g. not homenet's, or damaged by hand)."""
+    """The database cannot be read or written (not homenet's, damaged, read-only, disk full)."""
 
 
-class DurableStorage(Storage):
-    """Whole-file JSON storage with atomic replacement.
-
-    The parsed database is kept in memory and handed to tinydb, which changes it in place and
-    then calls write(); if that write fails, the in-memory copy is dropped and the next read
-    reloads the file, which still holds the last committed state.
-    """
-
-    def __init__(self, path: str | Path, read_only: bool = False) -> None:
-        self.path = Path(path)
-        self.read_only = read_only
-        self._data: dict[str, Any] | None = None
-
-    def read(self) -> dict[str, Any] | None:
-        if self._data is None:
-            try:
-                text = self.path.read_bytes()
-            except FileNotFoundError:
-                return None
-            try:
-                data = json.loads(text)
-            except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-                raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
-            if not isinstance(data, dict):
-                raise StoreError(f"{self.path} is not a homenet database: "
-                                 f"it holds a JSON {type(data).__name__}, not an object")
-            self._data = data
-        return self._data
-
-    def write(self, data: dict[str, Any]) -> None:
-        if self.read_only:
-            raise StoreError(f"{self.path} is opened read-only")
-        try:
-            write_atomic(self.path, json.dumps(data, sort_keys=True, separators=(",", ":")).encode())
-        except BaseException:
-            self._data = None
-            raise
-        self._data = data
+class Fenced(StoreError):
+    """Another configurator claimed a higher epoch: this one must stop writing."""
 
 
 class Store(Protocol):
@@ -69,48 +52,201 @@ class Store(Protocol):
     def all(self) -> list[DeviceRecord]: ...
     def meta(self) -> dict[str, Any]: ...
     def set_meta(self, **values: Any) -> None: ...
+    def set_meta_now(self, **values: Any) -> None: ...
+    def transaction(self) -> AbstractContextManager[None]: ...
+    def claim_epoch(self) -> int: ...
 
 
-class TinyStore:
-    """Devices and configurator metadata in one tinydb file; each call is one durable write.
+class SqliteStore:
+    """Devices and configurator metadata; validated records are cached in memory.
 
-    Validated records are also kept in a dict, updated only after their write succeeded, so
-    planning (which looks at every device) does not re-parse and re-validate the database.
+    Planning looks at every device, so reads never touch the disk: the cache is loaded once
+    and then changed only together with the rows. Calls outside `transaction()` commit at once.
+    Thread-safe: one lock serialises transactions (the configurator's worker thread writes;
+    its sequence counter may reserve numbers from the gateway driver's thread).
     """
 
     def __init__(self, path: str | Path, read_only: bool = False) -> None:
         self.path = Path(path)
-        self._db = TinyDB(self.path, storage=DurableStorage, read_only=read_only)
-        self._devices = self._db.table("devices")
-        self._meta = self._db.table("meta")
-        self._records = {d["device_id"]: DeviceRecord.model_validate(d) for d in self._devices.all()}
+        self.read_only = read_only
+        self._lock = threading.RLock()
+        self._depth = 0
+        self._undo: dict[str, Any] = {}
+        self._undo_meta: dict[str, Any] = {}
+        self._epoch: int | None = None
+        self._records: dict[str, DeviceRecord] = {}
+        self._meta: dict[str, Any] = {}
+        self._db: sqlite3.Connection | None = None
+        if read_only and not self.path.exists():
+            return  # nothing stored yet; and a reader must not create the file
+        self._db = self._open()
+        self._load()
+
+    # --- opening -------------------------------------------------------------------------
+
+    def _open(self) -> sqlite3.Connection:
+        if not self.read_only and not self.path.exists():
+            os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM files inherit the mode
+        uri = f"file:{self.path}?mode={'ro' if self.read_only else 'rw'}"
+        try:
+            db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            if tables and app_id != APPLICATION_ID:
+                raise StoreError(f"{self.path} is not a homenet database: an SQLite file of another "
+                                 f"program (application_id {app_id:#x})")
+            if not self.read_only:
+                db.execute("PRAGMA journal_mode=WAL")
+                db.execute("PRAGMA synchronous=FULL")
+                if not tables:
+                    db.executescript(_SCHEMA + f"PRAGMA application_id={APPLICATION_ID};"
+                                               f"PRAGMA user_version={SCHEMA_VERSION};")
+            version = db.execute("PRAGMA user_version").fetchone()[0]
+        except sqlite3.DatabaseError as exc:
+            raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
+        if version > SCHEMA_VERSION:
+            raise StoreError(f"{self.path} has database schema {version}, newer than this homenet's "
+                             f"{SCHEMA_VERSION}: upgrade homenet")
+        return db
+
+    def _load(self) -> None:
+        assert self._db is not None
+        try:
+            rows = self._db.execute("SELECT device_id, doc FROM devices").fetchall()
+            meta = self._db.execute("SELECT key, value FROM meta").fetchall()
+            self._records = {d: DeviceRecord.model_validate_json(doc) for d, doc in rows}
+            self._meta = {k: json.loads(v) for k, v in meta}
+        except (sqlite3.DatabaseError, ValidationError, ValueError) as exc:
+            raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
+
+    # --- reading: from memory ------------------------------------------------------------
 
     def get(self, device_id: str) -> DeviceRecord | None:
         return self._records.get(device_id)
-
-    def put(self, record: DeviceRecord) -> None:
-        # not upsert(): for a new document it writes twice (an empty update, then the insert)
-        doc = record.to_doc()
-        if record.device_id in self._records:
-            match = Query().device_id == record.device_id
-            self._devices.update(lambda old: (old.clear(), old.update(doc)), match)  # replace whole
-        else:
-            self._devices.insert(doc)
-        self._records[record.device_id] = record
-
-    def delete(self, device_id: str) -> None:
-        self._devices.remove(Query().device_id == device_id)
-        self._records.pop(device_id, None)
 
     def all(self) -> list[DeviceRecord]:
         return sorted(self._records.values(), key=lambda r: r.device_id)
 
     def meta(self) -> dict[str, Any]:
-        doc = self._meta.get(doc_id=1)
-        return dict(doc) if doc else {}
+        return dict(self._meta)
+
+    # --- writing: memory at once, disk at the end of the transaction -----------------------
+
+    def put(self, record: DeviceRecord) -> None:
+        with self.transaction():
+            self._undo.setdefault(record.device_id, self._records.get(record.device_id, _MISSING))
+            self._records[record.device_id] = record
+
+    def delete(self, device_id: str) -> None:
+        with self.transaction():
+            if device_id in self._records:
+                self._undo.setdefault(device_id, self._records.pop(device_id))
 
     def set_meta(self, **values: Any) -> None:
-        self._meta.upsert({**self.meta(), **values}, Query().noop())
+        with self.transaction():
+            for key, value in values.items():
+                self._undo_meta.setdefault(key, self._meta.get(key, _MISSING))
+                self._meta[key] = value
+
+    @contextmanager
+    def transaction(self) -> Iterator[None]:
+        """Group the changes made inside into one durable commit; nested blocks join the outer one."""
+        self._writable()
+        with self._lock:
+            self._depth += 1
+            try:
+                yield
+                if self._depth == 1 and (self._undo or self._undo_meta):
+                    self._write(self._undo, self._undo_meta)
+            except BaseException:
+                if self._depth == 1:
+                    self._rollback()
+                raise
+            finally:
+                self._depth -= 1
+                if self._depth == 0:
+                    self._undo.clear()
+                    self._undo_meta.clear()
+
+    def set_meta_now(self, **values: Any) -> None:
+        """Durable before it returns, even inside an open transaction: for what must be on disk
+        before it is used (a reserved sequence ceiling), whatever becomes of the batch around it."""
+        self._writable()
+        with self._lock:
+            before = {k: self._meta.get(k, _MISSING) for k in values}
+            self._meta.update(values)
+            try:
+                self._write((), values)
+            except BaseException:
+                for key, value in before.items():
+                    _restore(self._meta, key, value)
+                raise
+            for key in values:  # on disk now: no longer the open batch's to undo
+                self._undo_meta.pop(key, None)
+
+    def claim_epoch(self) -> int:
+        """Take the epoch above the highest any configurator claimed (read under the write
+        lock, from disk: another process may share the file); later commits are fenced by it."""
+        self._writable()
+        with self._lock, self._sql() as db:
+            epoch = _db_epoch(db) + 1
+            db.execute("INSERT OR REPLACE INTO meta VALUES ('epoch', ?)", (json.dumps(epoch),))
+        self._epoch = self._meta["epoch"] = epoch
+        return epoch
+
+    def _write(self, devices: Iterable[str], meta_keys: Iterable[str]) -> None:
+        with self._sql() as db:
+            if self._epoch is not None and (on_disk := _db_epoch(db)) > self._epoch:
+                raise Fenced(f"epoch {on_disk} was claimed by another configurator; this one has {self._epoch}")
+            for device_id in devices:
+                record = self._records.get(device_id)
+                if record is None:
+                    db.execute("DELETE FROM devices WHERE device_id=?", (device_id,))
+                else:
+                    db.execute("INSERT OR REPLACE INTO devices VALUES (?, ?)", (device_id, record.model_dump_json()))
+            db.executemany("INSERT OR REPLACE INTO meta VALUES (?, ?)",
+                           [(k, json.dumps(self._meta[k])) for k in meta_keys])
+
+    @contextmanager
+    def _sql(self) -> Iterator[sqlite3.Connection]:
+        """One SQL transaction holding the database's write lock from its start (so a check
+        made inside still holds at COMMIT); SQLite errors become StoreErrors naming the file."""
+        assert self._db is not None
+        try:
+            self._db.execute("BEGIN IMMEDIATE")
+            try:
+                yield self._db
+                self._db.execute("COMMIT")
+            except BaseException:
+                self._db.execute("ROLLBACK")
+                raise
+        except sqlite3.Error as exc:
+            raise StoreError(f"cannot write {self.path}: {exc}") from exc
+
+    def _writable(self) -> None:
+        if self.read_only:
+            raise StoreError(f"{self.path} is opened read-only")
+
+    def _rollback(self) -> None:
+        for device_id, before in self._undo.items():
+            _restore(self._records, device_id, before)
+        for key, before in self._undo_meta.items():
+            _restore(self._meta, key, before)
 
     def close(self) -> None:
-        self._db.close()
+        if self._db is not None:
+            self._db.close()
+            self._db = None
+
+
+def _restore(mapping: dict[str, Any], key: str, before: Any) -> None:
+    """Put back what `key` held before a change that did not reach the disk."""
+    if before is _MISSING:
+        mapping.pop(key, None)
+    else:
+        mapping[key] = before
+
+
+def _db_epoch(db: sqlite3.Connection) -> int:
+    row = db.execute("SELECT value FROM meta WHERE key='epoch'").fetchone()
+    return int(json.loads(row[0])) if row else 0

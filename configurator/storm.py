@@ -413,8 +413,14 @@ def _count_configured(data: Path) -> tuple[int | None, int]:
     path = db_path(data)
     if not path.exists():
         return None, 0
-    docs = json.loads(path.read_bytes()).get("devices", {})
-    return sum(1 for d in docs.values() if d.get("state") == "configured"), path.stat().st_size
+    from .lifecycle import State
+    from .store import SqliteStore
+
+    store = SqliteStore(path, read_only=True)
+    try:
+        return sum(1 for r in store.all() if r.state == State.CONFIGURED), path.stat().st_size
+    finally:
+        store.close()
 
 
 # --- footprint of one agent --------------------------------------------------------------------
@@ -484,7 +490,7 @@ def synthetic_database(data: Path, n: int) -> None:
     """A database of `n` configured iptv-stb devices, as the configurator would have left it
     after onboarding them (each record built by the real models and planner, its config signed
     by the configurator key in `data`), written in one go: building it through the configurator
-    is what the storm measures, and takes too long for 5,000 on the current store."""
+    is what the storm measures."""
     from homenet.keys import KeyPair
     from homenet.schemas import encode
     from homenet.schemas.messages import Config, ConfigResult, ItemResult, ItemStatus, ResultStatus
@@ -494,6 +500,7 @@ def synthetic_database(data: Path, n: int) -> None:
     from .lifecycle import State
     from .policy import NetworkView, evaluate
     from .records import DeviceRecord
+    from .store import SqliteStore
 
     data.mkdir(parents=True, exist_ok=True)
     conf_key = KeyPair.load_or_create(data / KEY_NAME)
@@ -501,31 +508,34 @@ def synthetic_database(data: Path, n: int) -> None:
                       pool_end="10.0.255.254", dns=["10.0.0.1"])
     plan_lan = lan_plan(lan)
     gen = loadgen.Generator("127.0.0.1", 1, [], None, DEVICE_TYPE, MODEL)
-    docs = {}
-    for i in range(n):
-        agent = loadgen.SimAgent(gen, loadgen.device_id(i), KeyPair.generate(), DEVICE_TYPE, MODEL)
-        address = f"10.0.{(i + 2) // 256}.{(i + 2) % 256}"
-        agent.address, agent.applied, agent.username = (address, 16), 1, agent.device
-        items = [item.model_copy(update={"address": address}) if item.kind == "ipv4" else item
-                 for item in evaluate(agent.info(), NetworkView(plan_lan)).items]
-        config = Config(device_id=agent.device, version=1, epoch=1, profile=DEVICE_TYPE, items=items)
-        config_id, payload = encode("config", config, sender="configurator", seq=10 + i, sign=conf_key.sign)
-        mine = [item for item in items if item.target == "agent"]
-        result = ConfigResult(re=config_id, version=1, status=ResultStatus.OK,
-                              items=[ItemResult(item=item.kind, status=ItemStatus.APPLIED) for item in mine],
-                              in_force={item.kind: item.model_dump(mode="json", exclude={"kind", "target"})
-                                        for item in mine})
-        record = DeviceRecord(device_id=agent.device, state=State.CONFIGURED, online=False, info=agent.info(),
-                              profile=DEVICE_TYPE, config=config, config_payload=payload.decode(), result=result,
-                              public_key=agent.info().public_key, register_id="0" * 32, last_seq=4)
-        docs[str(i + 1)] = record.to_doc()
-    meta = {"1": {"epoch": 1, "seq_reserved": 10 + n + 1000}}
-    db_path(data).write_text(json.dumps({"devices": docs, "meta": meta}, sort_keys=True, separators=(",", ":")))
+    store = SqliteStore(db_path(data))
+    with store.transaction():
+        for i in range(n):
+            agent = loadgen.SimAgent(gen, loadgen.device_id(i), KeyPair.generate(), DEVICE_TYPE, MODEL)
+            address = f"10.0.{(i + 2) // 256}.{(i + 2) % 256}"
+            agent.address, agent.applied, agent.username = (address, 16), 1, agent.device
+            items = [item.model_copy(update={"address": address}) if item.kind == "ipv4" else item
+                     for item in evaluate(agent.info(), NetworkView(plan_lan)).items]
+            config = Config(device_id=agent.device, version=1, epoch=1, profile=DEVICE_TYPE, items=items)
+            config_id, payload = encode("config", config, sender="configurator", seq=10 + i, sign=conf_key.sign)
+            mine = [item for item in items if item.target == "agent"]
+            result = ConfigResult(re=config_id, version=1, status=ResultStatus.OK,
+                                  items=[ItemResult(item=item.kind, status=ItemStatus.APPLIED) for item in mine],
+                                  in_force={item.kind: item.model_dump(mode="json", exclude={"kind", "target"})
+                                            for item in mine})
+            record = DeviceRecord(device_id=agent.device, state=State.CONFIGURED, online=False, info=agent.info(),
+                                  profile=DEVICE_TYPE, config=config, config_payload=payload.decode(), result=result,
+                                  public_key=agent.info().public_key, register_id="0" * 32, last_seq=4)
+            store.put(record)
+        store.set_meta(epoch=1, seq_reserved=10 + n + 1000)
+    store.close()
 
 
 def configurator_at_rest(n: int, timeout: float = 180.0) -> dict[str, float]:
     """`homenet configurator run` (Mosquitto) started on a database of `n` devices: seconds until
     its CPU is idle (republish, re-plan), and its RSS then."""
+    from .app import db_path
+
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="homenet-rest-")))
         server = Server("mosquitto", tmp)
@@ -548,7 +558,7 @@ def configurator_at_rest(n: int, timeout: float = 180.0) -> dict[str, float]:
         mem = proc_mem(pid) if server.alive() else {}
         return {"devices": n, "idle_after_s": (idle_since or time.monotonic()) - start,
                 "idle": idle_since is not None, "cpu_s": previous, "rss_kb": mem.get("VmRSS", 0),
-                "peak_kb": mem.get("VmHWM", 0), "db_bytes": (server.data / "homenet-db.json").stat().st_size}
+                "peak_kb": mem.get("VmHWM", 0), "db_bytes": db_path(server.data).stat().st_size}
 
 
 # --- the command -------------------------------------------------------------------------------

@@ -57,14 +57,19 @@ def set_nodelay(client: paho.Client) -> None:
 
 def make_client(client_id: str, *, clean_session: bool = False,
                 username: str | None = None, password: str | None = None,
-                will: tuple[str, bytes] | None = None, cafile: Path | None = None) -> paho.Client:
+                will: tuple[str, bytes] | None = None, cafile: Path | None = None,
+                manual_ack: bool = False) -> paho.Client:
     """A paho client for MQTT 3.1.1 with reconnect backoff and a retained will, not yet connected.
+
+    With `manual_ack` a received QoS 1 message is acknowledged only by `client.ack()`: the
+    configurator does it after the message's effects are committed, so a crash before the
+    commit makes the broker deliver it again.
 
     With `cafile` it speaks TLS and trusts only that certificate (the gateway's own, pinned by
     fingerprint); host names are not checked, since a home broker is reached by IP address.
     """
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
-                         protocol=paho.MQTTv311, clean_session=clean_session)
+                         protocol=paho.MQTTv311, clean_session=clean_session, manual_ack=manual_ack)
     client.reconnect_delay_set(min_delay=1, max_delay=30)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -12,7 +13,7 @@ from typing import Any
 from homenet.agent.app import build as build_agent
 from homenet.agent.service import Agent
 from homenet.brokers import BrokerHandle
-from homenet.configurator.app import ADMIN, ADMIN_SECRET, build as build_configurator
+from homenet.configurator.app import ADMIN, ADMIN_SECRET, build as build_configurator, db_path
 from homenet.configurator.lifecycle import State
 from homenet.configurator.records import DeviceRecord
 from homenet.configurator.service import Configurator
@@ -99,6 +100,13 @@ class Gateway:
     @property
     def data_dir(self) -> Path:
         return self.tmp / "gateway"
+
+    def database_digest(self) -> str:
+        """A digest of every byte committed to the database (the file and its write-ahead log):
+        it stays the same exactly when nothing was written."""
+        db = db_path(self.data_dir)
+        files = [db, db.with_name(db.name + "-wal")]
+        return hashlib.sha256(b"".join(p.read_bytes() for p in files if p.exists())).hexdigest()
 
     def start(self) -> Configurator:
         dynsec: dict[str, Any] = {}

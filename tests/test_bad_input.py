@@ -4,7 +4,6 @@ unchanged."""
 
 from __future__ import annotations
 
-import hashlib
 import json
 import subprocess
 import time
@@ -60,10 +59,6 @@ def configured_nas(gateway: Gateway) -> Gateway:
     return gateway
 
 
-def db_digest(gateway: Gateway) -> str:
-    return hashlib.sha256((gateway.data_dir / "homenet-db.json").read_bytes()).hexdigest()
-
-
 def publish(gateway: Gateway, mosquitto_pub: str, topic: str, payload: str, retain: bool = False) -> None:
     subprocess.run([mosquitto_pub, "-h", "127.0.0.1", "-p", str(gateway.broker.port), "-q", "1",
                     "-t", f"{ROOT}/{topic}", "-s", *(["-r"] if retain else [])],
@@ -80,11 +75,11 @@ def test_bad_message_is_refused_with_an_event_and_changes_nothing(
         configured_nas: Gateway, mosquitto_pub: str, case: str) -> None:
     gateway = configured_nas
     topic, payload, reason = BAD_MESSAGES[case]
-    before = db_digest(gateway)
+    before = gateway.database_digest()
     publish(gateway, mosquitto_pub, topic, payload)
     event = gateway.watcher.wait_event("message.rejected", reason=reason)
     assert event["severity"] == "warning" and event["topic"] == f"{ROOT}/{topic}"
-    assert db_digest(gateway) == before
+    assert gateway.database_digest() == before
     assert_still_serving(gateway)
 
 
@@ -93,11 +88,11 @@ def test_replayed_register_is_refused(configured_nas: Gateway, mosquitto_pub: st
     seq = gateway.record("test-nas").last_seq
     _, payload = encode("register", DeviceInfo.model_validate(register_body("test-nas")),
                         sender="test-nas", seq=seq)
-    before = db_digest(gateway)
+    before = gateway.database_digest()
     publish(gateway, mosquitto_pub, "device/test-nas/register", payload.decode())
     event = gateway.watcher.wait_event("message.rejected", reason="replayed or out of order")
     assert f"seq {seq} is not above {seq}" in event["reason"]
-    assert db_digest(gateway) == before
+    assert gateway.database_digest() == before
 
 
 @pytest.mark.parametrize("sender,reason", [
@@ -112,7 +107,7 @@ def test_a_foreign_or_stale_config_is_ignored_by_the_agent_and_undone(
     forged = Config(device_id="test-nas", version=1, profile="nas", items=[Ipv4Item(
         interface="sim0", address="192.168.1.66", prefix_len=24, gateway="192.168.1.1")])
     _, payload = encode("config", forged, sender=sender, seq=10**9)
-    before = db_digest(gateway)
+    before = gateway.database_digest()
     publish(gateway, mosquitto_pub, "device/test-nas/config", payload.decode(), retain=True)
     gateway.watcher.wait_event("message.rejected", reason=reason)
     # the configurator put its own config back in the retained slot
@@ -121,13 +116,13 @@ def test_a_foreign_or_stale_config_is_ignored_by_the_agent_and_undone(
                what="genuine config restored")
     assert agent.executor.in_force()["ipv4"]["address"] == genuine.address
     assert agent.state.state.applied_version == 1
-    assert db_digest(gateway) == before
+    assert gateway.database_digest() == before
 
 
 def test_payload_over_the_broker_limit_never_reaches_the_configurator(
         configured_nas: Gateway, mosquitto_pub: str) -> None:
     gateway = configured_nas
-    before = db_digest(gateway)
+    before = gateway.database_digest()
     publish(gateway, mosquitto_pub, "device/test-nas/register", "x" * (300 * 1024))
     if gateway.broker.name == "amqtt":  # our broker says why the message vanished
         event = gateway.watcher.wait_event("message.rejected", sender="")
@@ -135,5 +130,5 @@ def test_payload_over_the_broker_limit_never_reaches_the_configurator(
     else:  # Mosquitto drops it (message_size_limit) and logs nothing to events
         time.sleep(1)
     assert not [e for e in gateway.watcher.events() if e.get("sender") == "test-nas"]
-    assert db_digest(gateway) == before
+    assert gateway.database_digest() == before
     assert_still_serving(gateway)

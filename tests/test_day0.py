@@ -14,7 +14,8 @@ from pathlib import Path
 import pytest
 
 from homenet.configurator.lifecycle import State
-from homenet.configurator.store import TinyStore
+from homenet.configurator.app import db_path
+from homenet.configurator.store import SqliteStore
 from homenet.schemas.messages import ResultStatus
 
 from .conftest import require_program
@@ -38,12 +39,12 @@ class Home:
 
     @property
     def db(self) -> Path:
-        return self.tmp / "gw" / "homenet-db.json"
+        return db_path(self.tmp / "gw")
 
     def records(self) -> dict:
         if not self.db.exists():
             return {}
-        return {r.device_id: r for r in TinyStore(self.db, read_only=True).all()}
+        return {r.device_id: r for r in SqliteStore(self.db, read_only=True).all()}
 
     def device(self, role: str, device_type: str, deadline: float = 10, settings: str = "",
                link_down: bool = False) -> tuple[Namespace, subprocess.Popen[str], Path]:

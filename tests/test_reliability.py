@@ -28,7 +28,7 @@ import pytest
 from homenet.brokers import BrokerHandle, Embedded, Mosquitto
 from homenet.configurator.app import db_path
 from homenet.configurator.lifecycle import State
-from homenet.configurator.store import TinyStore
+from homenet.configurator.store import SqliteStore
 from homenet.netutil import free_port
 from homenet.schemas import Topics
 
@@ -74,7 +74,7 @@ def started() -> Iterator[list[Process]]:
 
 def load_records(data_dir: Path) -> dict[str, Any]:
     """The configurator's database as a fresh reader sees it (it must always load)."""
-    store = TinyStore(db_path(data_dir), read_only=True)
+    store = SqliteStore(db_path(data_dir), read_only=True)
     try:
         return {r.device_id: r for r in store.all()}
     finally:

@@ -9,7 +9,6 @@ dynamic-security plugin the configurator provisions (configurator/dynsec.py). Te
 
 from __future__ import annotations
 
-import hashlib
 import subprocess
 import sys
 import threading
@@ -110,10 +109,6 @@ def seen(gateway: Gateway, topic: str, payload: bytes) -> bool:
     return any(t == topic and p == payload for t, p, _ in gateway.watcher.messages)
 
 
-def db_digest(gateway: Gateway) -> str:
-    return hashlib.sha256((gateway.data_dir / "homenet-db.json").read_bytes()).hexdigest()
-
-
 def test_an_enrolled_device_logs_in_with_its_own_account(secure: Gateway) -> None:
     agent, _ = enrolled(secure, "nas")
     assert agent.state.state.password and len(agent.state.state.password) >= 40
@@ -161,10 +156,10 @@ def test_configurator_rights_with_a_wrong_signature_are_refused(secure: Gateway,
     secure.watcher.wait_event("message.rejected", reason="not signed by this configurator's key")
     # an info in the device's name, signed by another key
     _, info = encode("info", agent.device_info(), sender=agent.device_id, seq=10**9, sign=evil.sign)
-    before = db_digest(secure)
+    before = secure.database_digest()
     pub(secure, mosquitto_pub, secure.topics.device(agent.device_id, "info"), info, *login, client_id="forger")
     secure.watcher.wait_event("message.rejected", reason="bad or missing signature: info not signed")
-    assert db_digest(secure) == before
+    assert secure.database_digest() == before
     assert agent.state.state.applied_version == record.version == 1
     assert agent.executor.in_force()["ipv4"]["address"] == record.address
 

@@ -3,8 +3,10 @@ the persisted message counter (homenet/sequence.py)."""
 
 from __future__ import annotations
 
-import json
 import os
+import sqlite3
+import subprocess
+import sys
 import threading
 from pathlib import Path
 
@@ -12,7 +14,7 @@ import pytest
 
 from homenet.configurator.lifecycle import State
 from homenet.configurator.records import DeviceRecord
-from homenet.configurator.store import DurableStorage, StoreError, TinyStore
+from homenet.configurator.store import Fenced, SqliteStore, StoreError
 from homenet.durable import read_json, write_atomic, write_json_atomic
 from homenet.schemas.messages import DeviceInfo, Interface
 from homenet.sequence import SequenceCounter
@@ -31,24 +33,44 @@ def leftovers(directory: Path) -> list[str]:
 
 @pytest.fixture
 def db_path(tmp_path: Path) -> Path:
-    return tmp_path / "homenet.json"
+    return tmp_path / "homenet.db"
 
 
 @pytest.fixture
 def store(db_path: Path):
-    s = TinyStore(db_path)
+    s = SqliteStore(db_path)
     yield s
     s.close()
 
 
+def reopened(db_path: Path) -> tuple[list[DeviceRecord], dict]:
+    """What a configurator starting after a power cut would find."""
+    again = SqliteStore(db_path, read_only=True)
+    try:
+        return again.all(), again.meta()
+    finally:
+        again.close()
+
+
 @pytest.fixture
-def replace_fails(monkeypatch):
-    """Make the rename at the end of write_atomic fail, as a full disk or a power cut would."""
+def disk_full(monkeypatch):
+    """Make every SQL write fail as a full disk would (the in-memory side is left to the store)."""
 
-    def boom(src, dst):
-        raise OSError(28, "No space left on device")
+    def fail(store: SqliteStore) -> None:
+        class Full:
+            def __init__(self, db):
+                self.db = db
 
-    monkeypatch.setattr(os, "replace", boom)
+            def execute(self, sql, *args):
+                if sql.startswith(("INSERT", "DELETE")):
+                    raise sqlite3.OperationalError("database or disk is full")
+                return self.db.execute(sql, *args)
+
+            executemany = execute
+
+        monkeypatch.setattr(store, "_db", Full(store._db))
+
+    return fail
 
 
 # --- the store's API -----------------------------------------------------------------------
@@ -109,132 +131,181 @@ def test_meta_and_devices_do_not_mix(store):
 
 def test_database_survives_reopening(db_path):
     rec = record(state=State.CONFIGURED, config_payload='{"kind":"config"}')
-    first = TinyStore(db_path)
+    first = SqliteStore(db_path)
     first.put(rec)
     first.put(record("nas-1", "nas"))
     first.delete("nas-1")
     first.set_meta(epoch=7)
     first.close()
-
-    again = TinyStore(db_path)
-    assert again.all() == [rec]
-    assert again.meta() == {"epoch": 7}
-    again.close()
-
-
-def test_database_file_is_json_and_leaves_no_temp_files(store, db_path):
-    store.put(record())
-    store.set_meta(epoch=1)
-    data = json.loads(db_path.read_bytes())
-    assert set(data) == {"devices", "meta"}
-    assert leftovers(db_path.parent) == []
+    assert reopened(db_path) == ([rec], {"epoch": 7})
 
 
 def test_database_file_is_private(store, db_path):
     store.put(record())
-    assert db_path.stat().st_mode & 0o077 == 0
+    for path in db_path.parent.iterdir():  # the database and its WAL
+        assert path.stat().st_mode & 0o077 == 0, path
 
 
-def test_opening_a_missing_database_does_not_create_it(db_path):
-    TinyStore(db_path, read_only=True).all()
+def test_opening_a_missing_database_read_only_does_not_create_it(db_path):
+    assert SqliteStore(db_path, read_only=True).all() == []
     assert not db_path.exists()
 
 
-# --- power cuts and damaged files ----------------------------------------------------------
+# --- group commits -------------------------------------------------------------------------
 
-def test_failed_write_leaves_the_previous_file_intact_and_loadable(store, db_path, monkeypatch):
+def test_changes_inside_a_transaction_are_visible_at_once_and_on_disk_at_its_end(store, db_path):
+    with store.transaction():
+        store.put(record("stb-1"))
+        store.put(record("nas-1", "nas"))
+        store.set_meta(seq_reserved=1000)
+        assert [r.device_id for r in store.all()] == ["nas-1", "stb-1"]  # planning sees them
+        assert reopened(db_path) == ([], {})  # nothing acknowledged can depend on them yet
+    records, meta = reopened(db_path)
+    assert [r.device_id for r in records] == ["nas-1", "stb-1"] and meta == {"seq_reserved": 1000}
+
+
+def test_a_transaction_that_raises_writes_nothing_and_is_undone_in_memory(store, db_path):
+    store.put(record("stb-1", state=State.REGISTERED))
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.put(record("stb-1", state=State.CONFIGURED))
+            store.put(record("nas-1", "nas"))
+            store.delete("stb-1")
+            store.set_meta(epoch=9)
+            raise RuntimeError("handler bug")
+    assert [(r.device_id, r.state) for r in store.all()] == [("stb-1", State.REGISTERED)]
+    assert store.meta() == {}
+    assert [(r.device_id, r.state) for r in reopened(db_path)[0]] == [("stb-1", State.REGISTERED)]
+
+
+def test_nested_transactions_join_the_outer_commit(store, db_path):
+    with store.transaction():
+        with store.transaction():
+            store.put(record("stb-1"))
+        assert reopened(db_path) == ([], {})
+    assert [r.device_id for r in reopened(db_path)[0]] == ["stb-1"]
+
+
+def test_set_meta_now_is_durable_even_if_the_batch_around_it_fails(store, db_path):
+    with pytest.raises(RuntimeError):
+        with store.transaction():
+            store.put(record())
+            store.set_meta_now(seq_reserved=2000)
+            raise RuntimeError("batch fails")
+    assert store.meta() == {"seq_reserved": 2000}
+    assert reopened(db_path) == ([], {"seq_reserved": 2000})
+
+
+# --- power cuts, full disks and damaged files ------------------------------------------------
+
+def test_failed_commit_changes_neither_the_file_nor_what_the_store_shows(store, db_path, disk_full):
     store.put(record(state=State.REGISTERED))
+    store.set_meta(epoch=1)
+    disk_full(store)
+    with pytest.raises(StoreError, match=f"cannot write {db_path}: database or disk is full"):
+        with store.transaction():
+            store.put(record(state=State.CONFIGURED))
+            store.put(record("nas-1", "nas"))
+            store.set_meta(epoch=2)
+    assert [(r.device_id, r.state) for r in store.all()] == [("stb-1", State.REGISTERED)]
+    assert store.meta() == {"epoch": 1}
+    assert [(r.device_id, r.state) for r in reopened(db_path)[0]] == [("stb-1", State.REGISTERED)]
+
+
+def test_store_works_again_after_a_failed_commit(store, db_path, disk_full, monkeypatch):
+    disk_full(store)
+    with pytest.raises(StoreError):
+        store.put(record())
+    monkeypatch.undo()
+    store.put(record())
+    assert [r.device_id for r in reopened(db_path)[0]] == ["stb-1"]
+
+
+def test_a_killed_writer_leaves_the_last_commit(db_path):
+    """SIGKILL in the middle of a batch: the committed state is there, the open batch is not."""
+    script = (
+        "import os, sys\n"
+        "from homenet.configurator.store import SqliteStore\n"
+        "from tests.test_store import record\n"
+        f"s = SqliteStore({str(db_path)!r})\n"
+        "s.put(record('stb-1'))\n"
+        "with s.transaction():\n"
+        "    s.put(record('nas-1', 'nas'))\n"
+        "    os.kill(os.getpid(), 9)\n")
+    done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
+    assert done.returncode == -9
+    assert [r.device_id for r in reopened(db_path)[0]] == ["stb-1"]
+
+
+@pytest.mark.parametrize("content", [b"{half a datab", b"not json at all", b"\x80\x81\xfe binary",
+                                     b"SQLite format 3\x00" + b"\x00" * 40])
+def test_file_that_is_not_a_database_raises_store_error_naming_the_path(db_path, content):
+    db_path.write_bytes(content)
+    with pytest.raises(StoreError, match=f"{db_path} is not a homenet database"):
+        SqliteStore(db_path)
+
+
+def test_sqlite_file_of_another_program_is_refused_and_left_alone(db_path):
+    other = sqlite3.connect(db_path)
+    other.execute("CREATE TABLE photos (name TEXT)")
+    other.commit()
+    other.close()
     before = db_path.read_bytes()
+    with pytest.raises(StoreError, match="SQLite file of another program"):
+        SqliteStore(db_path)
+    assert db_path.read_bytes() == before
+
+
+def test_a_database_from_a_newer_homenet_is_refused(store, db_path):
+    store._db.execute("PRAGMA user_version=99")
+    with pytest.raises(StoreError, match="schema 99, newer than this homenet's"):
+        SqliteStore(db_path)
+
+
+def test_read_only_store_refuses_writes(store, db_path):
+    store.put(record())
+    store.set_meta(epoch=2)
+    ro = SqliteStore(db_path, read_only=True)
+    assert [r.device_id for r in ro.all()] == ["stb-1"]
+    assert ro.meta() == {"epoch": 2}
+    for write in (lambda: ro.put(record("nas-1", "nas")), lambda: ro.delete("stb-1"),
+                  lambda: ro.set_meta(epoch=3), ro.claim_epoch):
+        with pytest.raises(StoreError, match="read-only"):
+            write()
+    assert reopened(db_path)[1] == {"epoch": 2}
+
+
+# --- epochs and fencing --------------------------------------------------------------------
+
+def test_each_claim_takes_the_epoch_above_every_earlier_one(db_path):
+    a, b = SqliteStore(db_path), SqliteStore(db_path)
+    assert [a.claim_epoch(), b.claim_epoch(), a.claim_epoch()] == [1, 2, 3]
+    assert reopened(db_path)[1] == {"epoch": 3}
+
+
+def test_a_fenced_configurator_can_no_longer_commit(db_path):
+    old, new = SqliteStore(db_path), SqliteStore(db_path)
+    old.claim_epoch()
+    old.put(record("stb-1"))
+    new.claim_epoch()  # the standby took over
+    with pytest.raises(Fenced, match="epoch 2 was claimed by another configurator; this one has 1"):
+        old.put(record("nas-1", "nas"))
+    assert old.get("nas-1") is None
+    new.put(record("cam-1", "ip-camera"))
+    assert [r.device_id for r in reopened(db_path)[0]] == ["cam-1", "stb-1"]
+
+
+# --- homenet/durable.py --------------------------------------------------------------------
+
+@pytest.fixture
+def replace_fails(monkeypatch):
+    """Make the rename at the end of write_atomic fail, as a full disk or a power cut would."""
 
     def boom(src, dst):
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(os, "replace", boom)
-    with pytest.raises(OSError, match="No space left"):
-        store.put(record(state=State.CONFIGURED))
-    with pytest.raises(OSError):
-        store.put(record("nas-1", "nas"))
-    monkeypatch.undo()
 
-    assert db_path.read_bytes() == before
-    assert leftovers(db_path.parent) == []
-    reopened = TinyStore(db_path)
-    assert [(r.device_id, r.state) for r in reopened.all()] == [("stb-1", State.REGISTERED)]
-    reopened.close()
-
-
-def test_failed_write_is_not_visible_through_the_open_store(store, monkeypatch):
-    # The storage keeps the bytes last written, so a failed write is all-or-nothing in memory too.
-    store.set_meta(epoch=1)
-    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk gone")))
-    with pytest.raises(OSError):
-        store.put(record())
-    assert store.get("stb-1") is None
-    assert store.meta() == {"epoch": 1}
-
-
-def test_store_works_again_after_a_failed_write(store, db_path, monkeypatch):
-    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("disk gone")))
-    with pytest.raises(OSError):
-        store.put(record())
-    monkeypatch.undo()
-    store.put(record())
-    reopened = TinyStore(db_path)
-    assert reopened.get("stb-1") is not None
-    reopened.close()
-
-
-@pytest.mark.parametrize("content", [b"{half a datab", b"not json at all", b"\x80\x81\xfe binary",
-                                     b"\xff\xfe\x00\x00junk", b""])
-def test_file_that_is_not_json_raises_store_error_naming_the_path(db_path, content):
-    db_path.write_bytes(content)
-    with pytest.raises(StoreError, match=str(db_path)):
-        TinyStore(db_path).all()
-
-
-@pytest.mark.parametrize("content", [b"[]", b"42", b'"devices"', b"null"])
-def test_json_that_is_not_a_homenet_database_raises_store_error_naming_the_path(db_path, content):
-    db_path.write_bytes(content)
-    with pytest.raises(StoreError, match=str(db_path)):
-        TinyStore(db_path).all()
-
-
-def test_read_only_store_refuses_writes_and_keeps_the_file(store, db_path):
-    store.put(record())
-    store.set_meta(epoch=2)
-    before = db_path.read_bytes()
-    ro = TinyStore(db_path, read_only=True)
-    assert [r.device_id for r in ro.all()] == ["stb-1"]
-    assert ro.meta() == {"epoch": 2}
-    for write in (lambda: ro.put(record("nas-1", "nas")), lambda: ro.delete("stb-1"),
-                  lambda: ro.set_meta(epoch=3)):
-        with pytest.raises(StoreError, match="read-only"):
-            write()
-    assert db_path.read_bytes() == before
-
-
-def test_durable_storage_reads_none_for_a_missing_file(db_path):
-    assert DurableStorage(db_path).read() is None
-
-
-def test_durable_storage_round_trip(db_path):
-    storage = DurableStorage(db_path)
-    storage.write({"devices": {"1": {"device_id": "x"}}})
-    assert DurableStorage(db_path).read() == {"devices": {"1": {"device_id": "x"}}}
-
-
-def test_durable_storage_forgets_changes_whose_write_failed(db_path, monkeypatch):
-    storage = DurableStorage(db_path)
-    storage.write({"meta": {"1": {"epoch": 1}}})
-    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError(28, "No space left")))
-    data = storage.read()
-    data["meta"]["1"]["epoch"] = 99  # tinydb changes the data in place, then writes it
-    with pytest.raises(OSError):
-        storage.write(data)
-    assert storage.read() == {"meta": {"1": {"epoch": 1}}}
-
-
-# --- homenet/durable.py --------------------------------------------------------------------
 
 def test_write_atomic_creates_parent_directories_and_sets_the_mode(tmp_path):
     path = tmp_path / "a" / "b" / "state.json"
