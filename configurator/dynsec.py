@@ -37,6 +37,7 @@ import secrets
 import threading
 import time
 from collections.abc import Callable, Iterable
+from contextlib import AbstractContextManager, nullcontext
 from pathlib import Path
 from typing import Any
 
@@ -319,6 +320,10 @@ class DynsecAccounts:
             commands.append({**create, "roles": [{"rolename": rolename}]})
             s.check(*commands)
         return password
+
+    def batch(self) -> AbstractContextManager[None]:
+        """Nothing to gather: Mosquitto has applied each change when its command returns."""
+        return nullcontext()
 
     def remove(self, name: str) -> None:
         with self._lock, self._session() as s:

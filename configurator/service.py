@@ -21,6 +21,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
 import paho.mqtt.client as paho
@@ -178,34 +179,45 @@ class Configurator:
         this configurator was fenced and must stop."""
         delay = 0.5
         while True:
-            self._outbox.actions = []
+            actions: list[Task] = []
+            self._outbox.actions, self._outbox.gateway_changed = actions, False
             try:
-                with self.store.transaction():
+                # accounts first: a reply's credentials must work when the commit lets it out
+                with self.store.transaction(), self._accounts_batch():
                     for item in batch:
                         self._handle(item)
                 break
             except Fenced as exc:
                 self._stand_down(str(exc))
                 return False
-            except StoreError as exc:
+            except (StoreError, AccountError, OSError) as exc:
+                self._outbox.actions = None  # what the batch would have sent is dropped
                 self.holdings = Holdings(self.store.all())  # the store is back as it was
-                log.error("database commit failed, %d messages kept unacknowledged; retrying in %.1f s: %s",
-                          sum(isinstance(i, paho.MQTTMessage) for i in batch), delay, exc)
-                self._publish_raw(self.topics.events, encode("event", EventBody(
-                    event="store.failed", severity=Severity.ERROR, reason=str(exc)),
-                    sender=self.sender, seq=self._seq.next(), sign=self.key.sign)[1])
+                self._report_failed_commit(exc, sum(isinstance(i, paho.MQTTMessage) for i in batch), delay)
                 if self._stopping:
                     return False
                 time.sleep(delay)
                 delay = min(delay * 2, 30)
             finally:
-                actions, self._outbox.actions = self._outbox.actions, None
+                self._outbox.actions = None
         for action in actions:
             action()
+        if self._outbox.gateway_changed:
+            self._send_gateway_state()
         for item in batch:
             if isinstance(item, paho.MQTTMessage) and item.qos:
                 self.client.ack(item.mid, item.qos)
         return True
+
+    def _report_failed_commit(self, exc: Exception, messages: int, delay: float) -> None:
+        reason = f"{exc}; {messages} messages kept unacknowledged, retrying in {delay:.1f} s"
+        try:
+            self.event("store.failed", Severity.ERROR, reason=reason)
+        except (StoreError, OSError):  # the event's sequence number needs the disk too
+            log.error("store.failed: %s", reason)
+
+    def _accounts_batch(self) -> AbstractContextManager[None]:
+        return self.accounts.batch() if self.accounts is not None else nullcontext()
 
     def _handle(self, item: Any) -> None:
         if isinstance(item, paho.MQTTMessage):
@@ -255,9 +267,14 @@ class Configurator:
 
     def publish_gateway_state(self) -> None:
         """What the driver has set, retained on `gateway/state` (also called by the driver's
-        retries); read when sent, after the batch's gateway changes were made."""
-        self._later(lambda: self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(),
-                                          retain=True))
+        retries). It lists every device, so a batch sends it once, after all its gateway changes."""
+        if threading.current_thread() is self._worker:
+            self._outbox.gateway_changed = True
+        else:
+            self._send_gateway_state()
+
+    def _send_gateway_state(self) -> None:
+        self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
 
     # --- receiving -----------------------------------------------------------------------
 

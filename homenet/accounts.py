@@ -15,6 +15,8 @@ import hmac
 import os
 import secrets
 import threading
+from collections.abc import Iterator
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Protocol
@@ -63,21 +65,33 @@ class AccountStore(Protocol):
 
     def remove(self, name: str) -> None: ...
 
+    def batch(self) -> AbstractContextManager[None]:
+        """Changes inside may be written together at the end; an exception inside drops them."""
+        ...
+
     def authenticate(self, name: str, password: str) -> Account | None:
         """The account, if `password` is its password."""
         ...
 
 
 class Accounts:
-    """The accounts file, re-read when it changes on disk (the broker may be another process)."""
+    """The accounts file, re-read when it changes on disk (the broker may be another process).
+
+    The file holds every account, so writing it once per new device made a storm of N devices
+    cost N² : inside `batch()` changes stay in memory and the file is written once at the end.
+    """
 
     def __init__(self, path: Path) -> None:
         self.path = Path(path)
-        self._lock = threading.Lock()
+        self._lock = threading.RLock()
         self._stamp: tuple[int, int] | None = None
         self._accounts: dict[str, Account] = {}
+        self._batching = False
+        self._dirty = False
 
     def _load(self) -> dict[str, Account]:
+        if self._dirty:
+            return self._accounts
         try:
             st = os.stat(self.path)
             stamp = (st.st_mtime_ns, st.st_size)
@@ -104,18 +118,37 @@ class Accounts:
     def set(self, name: str, role: Role) -> str:
         """Create or replace an account; returns its new password (the file keeps only a hash)."""
         password = new_password()
-        with self._lock:
-            self._save({**self._load(), name: Account(name, role, hash_password(password))})
+        with self.batch():
+            self._edit()[name] = Account(name, role, hash_password(password))
         return password
 
     def remove(self, name: str) -> None:
-        with self._lock:
-            self._save({n: a for n, a in self._load().items() if n != name})
+        with self.batch():
+            if name in self._load():
+                del self._edit()[name]
 
-    def _save(self, accounts: dict[str, Account]) -> None:
-        write_json_atomic(self.path, {"accounts": {a.name: {"role": a.role.value, "hash": a.hash}
-                                                   for a in accounts.values()}})
-        self._stamp = None
+    def _edit(self) -> dict[str, Account]:
+        """The accounts to change: a private copy until the batch writes it."""
+        if not self._dirty:
+            self._accounts = dict(self._load())
+            self._dirty = True
+        return self._accounts
+
+    @contextmanager
+    def batch(self) -> Iterator[None]:
+        with self._lock:
+            if self._batching:  # joins the outer batch
+                yield
+                return
+            self._batching = True
+            try:
+                yield
+                if self._dirty:
+                    write_json_atomic(self.path, {"accounts": {a.name: {"role": a.role.value, "hash": a.hash}
+                                                               for a in self._accounts.values()}})
+            finally:  # written or not, the file is the truth again
+                self._batching = self._dirty = False
+                self._stamp = None
 
 
 def ensure_account(accounts: AccountStore, name: str, role: Role, secret: Path) -> str:

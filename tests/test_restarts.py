@@ -4,6 +4,7 @@ versions continue, and a device that was away gets its config when it comes back
 from __future__ import annotations
 
 from homenet.configurator.lifecycle import State
+from homenet.configurator.store import StoreError
 from homenet.settings import LanSettings
 
 from .harness import Gateway, wait_until
@@ -61,3 +62,28 @@ def test_an_agent_that_was_offline_gets_its_new_config_on_reconnect(gateway: Gat
     back = gateway.agent("game-console")
     record = gateway.wait_configured("test-game-console", version=2)
     assert back.executor.in_force()["ipv4"]["address"] == record.address != first.address
+
+
+def test_while_the_database_cannot_be_written_nothing_is_answered_and_nothing_is_lost(gateway: Gateway) -> None:
+    """A full disk: the batch is not committed, so no reply, config or PUBACK leaves; once the
+    disk is back the same messages are handled and the device is configured."""
+    configurator = gateway.configurator
+    real_write = configurator.store._write
+    disk = {"full": True}
+
+    def write(devices, meta_keys):
+        if disk["full"] and devices:
+            raise StoreError(f"cannot write {configurator.store.path}: database or disk is full")
+        real_write(devices, meta_keys)
+
+    configurator.store._write = write
+    gateway.agent("nas")
+    gateway.watcher.wait_event("store.failed", reason="disk is full")
+    gateway.watcher.wait_event("store.failed", reason="retrying in 1.0 s")  # the same batch, again
+    assert gateway.record("test-nas") is None
+    sent = [t for t, _, _ in gateway.watcher.messages if "/device/test-nas/" in t]
+    assert not [t for t in sent if t.endswith(("/register/reply", "/config"))], sent
+
+    disk["full"] = False
+    record = gateway.wait_configured("test-nas")
+    assert record.address and record.version == 1
