@@ -64,21 +64,26 @@ class Holdings:
             self.update(record)
 
     def update(self, record: DeviceRecord) -> None:
-        self.remove(record.device_id)
-        addresses, ports = self._held[record.device_id] = held_by(record)
-        for address in addresses:
-            self._addresses[address].add(record.device_id)
-        for port in ports:
-            self._ports[port].add(record.device_id)
+        self._change(record.device_id, *held_by(record))
 
     def remove(self, device_id: str) -> None:
-        addresses, ports = self._held.pop(device_id, ((), ()))
-        for address in addresses:
+        self._change(device_id, set(), set())
+
+    def _change(self, device_id: str, addresses: set[IPv4Address], ports: set[PortKey]) -> None:
+        """Only what the device gave up or took changes: most updates (status, results) touch nothing."""
+        old_addresses, old_ports = self._held.pop(device_id, (set(), set()))
+        for address in old_addresses - addresses:
             _discard(self._addresses, address, device_id)
             if self._floor is not None and address < self._floor:
                 self._floor = address  # freed below the floor: the search must start lower
-        for port in ports:
+        for port in old_ports - ports:
             _discard(self._ports, port, device_id)
+        for address in addresses - old_addresses:
+            self._addresses[address].add(device_id)
+        for port in ports - old_ports:
+            self._ports[port].add(device_id)
+        if addresses or ports:
+            self._held[device_id] = (addresses, ports)
 
     def view(self, lan: LanPlan, device_id: str, gateway: str) -> NetworkView:
         """The home as `device_id`'s planner must see it."""
