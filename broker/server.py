@@ -13,11 +13,12 @@ import threading
 import time
 from typing import Any
 
-from amqtt.broker import Broker
 
 from homenet.schemas import Topics, encode
 from homenet.schemas.messages import Event, Severity
 from homenet.settings import BrokerSettings
+
+from .routing import IndexedRouting
 
 log = logging.getLogger(__name__)
 
@@ -60,7 +61,7 @@ class _ProbeNoise(logging.Filter):
 logging.getLogger("amqtt.broker").addFilter(_ProbeNoise())
 
 
-class HomenetBroker(Broker):
+class HomenetBroker(IndexedRouting):
     def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
         super().__init__(broker_config(settings, topics.root))
         self.max_payload = settings.max_payload
@@ -111,8 +112,7 @@ class HomenetBroker(Broker):
         so a connecting client received retained messages of other devices' topics (their
         configs included). Measured here; see docs/amqtt-notes.md.
         """
-        holders = self._subscriptions.get(subscription[0], ())
-        if any(s.client_id == session.client_id for s, _ in holders):
+        if subscription[0] in self._filters_of.get(session.client_id, ()):
             await super()._publish_retained_messages_for_subscription(subscription, session)
 
     async def _event(self, client_id: str, topic: str, reason: str) -> None:
