@@ -4,6 +4,8 @@ Every handler validates first (topic, envelope, body, sender binding, seq), then
 new device record with the core, commits it in one durable write, and only then publishes
 (reply, retained config, gateway state, events): an acknowledgement is never ahead of the
 database. A message that fails validation is dropped with a log line and an `events` entry.
+Handlers and `renumber` (called by the LAN watch's thread) take one lock, so one at a time
+changes the database.
 """
 
 from __future__ import annotations
@@ -31,10 +33,12 @@ from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
 
 from .gateway import GatewayDriver
-from .ipam import addresses_of
-from .lifecycle import Event, State, advance
+from .ipam import LanPlan, addresses_of
+from .lanwatch import LanWatch
+from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
 from .records import DeviceRecord, now
+from .renumber import left_the_lan, saved
 from .store import Store
 
 log = logging.getLogger(__name__)
@@ -67,6 +71,8 @@ class Configurator:
         self.connected = threading.Event()
         self._stopping = False
         self._replanned = False
+        self._serial = threading.RLock()
+        self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
@@ -94,6 +100,7 @@ class Configurator:
                                 qos=1, retain=True).wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
+        self.lan_watch.stop()
         self.driver.close()
 
     def _state_payload(self, state: str) -> bytes:
@@ -117,7 +124,9 @@ class Configurator:
         self.publish_gateway_state()
         if not self._replanned:  # the LAN or the policy may have changed while we were down
             self._replanned = True
-            self._replan_all()
+            with self._serial:
+                self._replan_all()
+            self.lan_watch.start()
         log.info("configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self.connected.set()
 
@@ -149,6 +158,10 @@ class Configurator:
     # --- receiving -----------------------------------------------------------------------
 
     def _on_message(self, _client: paho.Client, _userdata: Any, msg: paho.MQTTMessage) -> None:
+        with self._serial:
+            self._handle(msg)
+
+    def _handle(self, msg: paho.MQTTMessage) -> None:
         sender = None
         try:
             if msg.topic == self.topics.command:
@@ -390,12 +403,18 @@ class Configurator:
         if record is None:
             raise Rejected(f"info from {info.device_id}, which has not registered")
         moved = info.interfaces != record.info.interfaces
+        strays = left_the_lan(self.driver.lan(), record.info, info)
         record, planned = self._plan(record.model_copy(update={
             "info": info, "last_seq": envelope.seq, "updated": now()}))
         self.store.put(record)
         if moved:
             self.event("device.info", device_id=record.device_id,
                        addresses=[a for i in info.interfaces for a in i.addresses])
+        if strays:  # the LAN may have moved under the device: look at the gateway now
+            self.event("lan.mismatch", Severity.WARNING, device_id=record.device_id,
+                       reason=f"reports {', '.join(strays)}, outside the LAN {self.driver.lan().subnet}; "
+                              f"checking the gateway's LAN")
+            self.lan_watch.poke()
         self._after_commit(record, planned)
 
     def _on_result(self, _topic: str, envelope: Envelope, result: ConfigResult, record: DeviceRecord | None) -> None:
@@ -421,8 +440,21 @@ class Configurator:
 
     # --- evaluation ----------------------------------------------------------------------
 
+    def renumber(self, lan: LanPlan) -> None:
+        """The gateway's LAN moved to `lan` (docs/renumbering.md): keep it, then re-plan every device in it."""
+        with self._serial:
+            old = self.driver.lan()
+            self.store.set_meta(lan=saved(lan, self.settings.lan))
+            self.driver.set_lan(lan)
+            self.event("lan.renumbered", reason=f"{old.subnet} (gateway {old.gateway}) -> {lan.subnet} "
+                                                f"(gateway {lan.gateway})", old=str(old.subnet), new=str(lan.subnet))
+            self._replan_all()
+            self.publish_gateway_state()
+
     def _replan_all(self) -> None:
         for record in self.store.all():
+            if record.state not in PLANNABLE:
+                continue
             record, planned = self._plan(record)
             if planned:
                 self.store.put(record)
