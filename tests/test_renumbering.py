@@ -19,6 +19,7 @@ import pytest
 from homenet.brokers import Embedded
 from homenet.configurator.app import ADMIN, ADMIN_SECRET
 from homenet.configurator.ipam import LanPlan
+from homenet.configurator.lifecycle import State
 from homenet.configurator.renumber import follow, left_the_lan, saved, saved_plan
 from homenet.schemas import Topics
 from homenet.schemas.messages import DeviceInfo, Interface, Ipv4Item, ResultStatus
@@ -146,6 +147,20 @@ def test_settings_changed_by_the_owner_after_a_renumbering_win(embedded: Embedde
         gateway.start()
         record = gateway.wait_configured("test-camera", version=3)
         assert IPv4Address(record.address) in IPv4Network("10.70.0.0/24")
+    finally:
+        gateway.close()
+
+
+def test_a_device_waiting_for_the_owner_gets_no_config_from_a_renumbering(embedded: Embedded,
+                                                                           tmp_path: Path) -> None:
+    gateway = Gateway(embedded, tmp_path, enrollment="approve")
+    gateway.start()
+    try:
+        gateway.agent("camera")
+        wait_until(lambda: (r := gateway.record("test-camera")) and r.state == State.PENDING, what="pending")
+        gateway.configurator.renumber(_moved("10.60.0"))
+        record = gateway.record("test-camera")
+        assert record.state == State.PENDING and record.config is None
     finally:
         gateway.close()
 
