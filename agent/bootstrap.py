@@ -8,7 +8,9 @@ use), and its (epoch, counter) is above the newest accepted so far (persisted: a
 beacon is ignored). The endpoint: the beacon's IPv4 when this device has an address in that
 subnet, else the gateway's link-local IPv6 scoped to the interface the beacon came in on, once
 the local fe80 address has left its tentative (DAD) state. After discovery the listener keeps
-watching, so a rogue or malformed frame is reported in the log as it happens.
+watching: a rogue or malformed frame is reported in the log as it happens, and every later
+beacon is handed to the agent, which follows the gateway when its addresses change
+(docs/renumbering.md).
 """
 
 from __future__ import annotations
@@ -18,8 +20,8 @@ import select
 import socket
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
-from ipaddress import IPv4Interface
 from pathlib import Path
 
 import psutil
@@ -27,6 +29,7 @@ import psutil
 from homenet.keys import fingerprint, verify
 from homenet.l2 import check_raw_socket, link_local, mac_of, open_socket, receive
 from homenet.mqtt import BrokerUrl
+from homenet.netutil import ipv4_addresses
 from homenet.schemas.beacon import (TYPE_SOLICIT, Beacon, BeaconError, decode_beacon, encode_solicit,
                                     ethernet_frame, frame_type, parse_ethernet)
 
@@ -53,17 +56,18 @@ class Discovery:
         """SHA-256 (hex) of the broker certificate, when the gateway offers TLS."""
         return self.beacon.tls[1].hex() if self.beacon.tls else None
 
+    def names(self, host: str) -> bool:
+        """Whether the beacon still names `host` (a broker URL's host) as one of the gateway's addresses."""
+        ipv4, ipv6_ll = self.beacon.ipv4, self.beacon.ipv6_ll
+        return ((ipv4 is not None and host == str(ipv4[0].ip))
+                or (ipv6_ll is not None and host == f"{ipv6_ll[0]}%{self.iface}"))
+
 
 def candidate_interfaces() -> list[str]:
     stats = psutil.net_if_stats()
     return sorted(name for name, st in stats.items()
                   if st.isup and name != "lo" and Path(f"/sys/class/net/{name}/address").exists()
                   and Path(f"/sys/class/net/{name}/address").read_text().strip() not in ("", "00:00:00:00:00:00"))
-
-
-def own_ipv4(iface: str) -> list[IPv4Interface]:
-    return [IPv4Interface(f"{a.address}/{a.netmask}") for a in psutil.net_if_addrs().get(iface, [])
-            if a.family == socket.AF_INET and a.netmask]
 
 
 class BeaconListener:
@@ -113,12 +117,18 @@ class BeaconListener:
                 return Discovery(self._endpoint(iface, beacon), self._verify(beacon), iface, beacon)
         raise DiscoveryTimeout(f"no beacon from a trusted configurator within {timeout} s")
 
-    def watch(self) -> None:
-        """Keep reading frames in the background (logging what is ignored) until close()."""
+    def watch(self, follow: Callable[[Discovery], None]) -> None:
+        """Keep reading frames in the background until close(): what is ignored is logged, and
+        `follow` gets what every accepted beacon leads to."""
         def run() -> None:
             while not self._stop.is_set():
-                for _ in self._poll(0.5):
-                    pass
+                for iface, beacon in self._poll(0.5):
+                    try:
+                        found = Discovery(self._endpoint(iface, beacon), self._verify(beacon), iface, beacon)
+                    except (BeaconError, DiscoveryTimeout) as exc:
+                        log.warning("beacon on %s not followed: %s", iface, exc)
+                        continue
+                    follow(found)
         threading.Thread(target=run, name="beacon-watch", daemon=True).start()
 
     def close(self) -> None:
@@ -176,7 +186,7 @@ class BeaconListener:
     def _address(self, iface: str, beacon: Beacon) -> BrokerUrl:
         if beacon.ipv4:
             gateway, port = beacon.ipv4
-            if any(mine.ip in gateway.network for mine in own_ipv4(iface)):
+            if any(mine.ip in gateway.network for mine in ipv4_addresses(iface)):
                 return BrokerUrl(str(gateway.ip), port)
         if beacon.ipv6_ll:
             address, port = beacon.ipv6_ll

@@ -66,6 +66,8 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
                       verify=found.verify if found else None, fingerprint=found.fingerprint if found else None)
     except (ValueError, OSError) as exc:  # CertificateMismatch is an OSError
         raise click.ClickException(str(exc)) from None
+    if listener:
+        listener.watch(agent.follow)
     agent.start()
     done.wait()
     agent.stop()
@@ -74,7 +76,7 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
 
 
 def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
-    """Find the broker from the beacon; keep listening afterwards so rogue frames get logged."""
+    """Find the broker from the beacon; the listener is kept, for the agent to follow later beacons."""
     settings = device.settings
     try:
         listener = BeaconListener(device.state, device.pinned, settings.beacon_ethertype)
@@ -84,7 +86,6 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
         raise click.ClickException(f"discovery: {exc}") from None
     found = listener.discover()
     click.echo(f"found the gateway's broker at {found.broker} (beacon on {found.iface})", err=True)
-    listener.watch()
     return listener, found
 
 

@@ -58,13 +58,14 @@ def ipv4_endpoints(broker: BrokerUrl, extra: Iterable[Endpoint] = ()) -> list[En
 
 def unreachable(endpoints: Sequence[Endpoint], deadline: float) -> str | None:
     """None as soon as one endpoint accepts a TCP connection (or there is none to try); else,
-    at the deadline, why not."""
+    at the deadline, why not. `endpoints` is read again every round: a list the agent updates
+    meanwhile (a beacon naming the gateway's new address) is followed."""
     if not endpoints:
         return None
     end = time.monotonic() + deadline
     errors: dict[Endpoint, str] = {}
     while True:
-        for endpoint in endpoints:
+        for endpoint in list(endpoints):
             remaining = end - time.monotonic()
             if remaining <= 0:
                 if len(errors) == 1:

@@ -11,6 +11,11 @@ a later version is, and the same version once more only after a restart (the ret
 comes back on every reconnect, and retrying it each time would flap the device's network). An
 `info` goes out when the device's interfaces or addresses change.
 
+An agent that found the broker by the beacon follows the later beacons (`follow`): an IPv4
+change is verified against the gateway's addresses the newest beacon names, and when the
+address the agent is connected to is no longer among them (the LAN was renumbered), it
+connects again to the endpoint the beacon leads to (docs/renumbering.md).
+
 Before applying, the executor's checkpoint and the config are saved (the apply journal,
 `AgentState.applying`); the write that saves the result drops it. An agent that finds the
 journal at start was stopped mid-apply (crash, power cut): before going online it resumes
@@ -38,6 +43,7 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
+from .bootstrap import Discovery
 from .device import Device
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
                         save_checkpoint)
@@ -102,9 +108,9 @@ class Agent:
             self._on_connect, self._on_disconnect, self._on_message)
         return client
 
-    def _relogin(self) -> None:
-        """Connect again with the account now in the state. Runs on its own thread: the old
-        client's network thread (where the reason arrived) cannot stop itself."""
+    def _reconnect(self) -> None:
+        """Connect again, to `self.broker` with the account now in the state. Runs on its own
+        thread: the old client's network thread (where the reason arrived) cannot stop itself."""
         old, self.client = self.client, self._new_client()
         old.disconnect()
         old.loop_stop()
@@ -114,6 +120,17 @@ class Agent:
 
     def _topic(self, channel: str) -> str:
         return self.topics.device(self.device_id, channel)
+
+    def follow(self, found: Discovery) -> None:
+        """A newer beacon: the gateway's addresses as they are now (called by the beacon listener)."""
+        moved = not found.names(self.broker.host)
+        if moved:  # the address in use is gone from the gateway: the LAN was renumbered
+            log.warning("the gateway no longer has %s; connecting to %s", self.broker.host, found.broker)
+            self.broker = found.broker
+        if found.verify:  # in place: an apply verifying right now tries the new endpoints
+            self.verify_endpoints[:] = ipv4_endpoints(self.broker, found.verify)
+        if moved:
+            threading.Thread(target=self._reconnect, daemon=True).start()
 
     # --- running ---------------------------------------------------------------------------
 
@@ -167,7 +184,7 @@ class Agent:
             if self.state.state.username and reason.value in (134, 135):  # bad credentials, not authorized
                 log.warning("dropping the broker account; enrolling again anonymously")
                 self.state.update(username=None, password=None)
-                threading.Thread(target=self._relogin, daemon=True).start()
+                threading.Thread(target=self._reconnect, daemon=True).start()
             return
         set_nodelay(client)
         with self._lock:
@@ -227,7 +244,7 @@ class Agent:
             if reply.credentials:
                 self.state.update(username=reply.credentials["username"], password=reply.credentials["password"])
                 log.info("received broker account %s; logging in with it", reply.credentials["username"])
-                threading.Thread(target=self._relogin, daemon=True).start()
+                threading.Thread(target=self._reconnect, daemon=True).start()
                 return
             self.registered.set()
             self._send_info_if_changed()  # e.g. a config applied before this reply arrived

@@ -9,10 +9,12 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 import threading
 import time
 from typing import Any
 
+import psutil
 
 from homenet.schemas import Topics, encode
 from homenet.schemas.messages import Event, Severity
@@ -83,6 +85,25 @@ class HomenetBroker(IndexedRouting):
         for writer in list(self._writers):
             writer.transport.abort()
 
+    async def drop_orphans(self, timeout: float = 2.0) -> None:
+        """Reset every client connection made to an IPv4 address this host no longer has (the
+        LAN was renumbered), and wait until amqtt has ended their sessions (their wills sent).
+
+        Such a connection is dead: nothing the device sends reaches it. Left open until its
+        keepalive runs out, it makes the device's reconnect a session take-over, after which
+        amqtt 0.12.1 delivers nothing to the new connection (docs/amqtt-notes.md).
+        """
+        local = {a.address for addrs in psutil.net_if_addrs().values() for a in addrs if a.family == socket.AF_INET}
+        orphans = [w for w in self._writers
+                   if len(name := w.transport.get_extra_info("sockname") or ()) == 2 and name[0] not in local]
+        for writer in orphans:
+            log.info("connection from %s to %s, an address this host no longer has: closed",
+                     writer.transport.get_extra_info("peername"), writer.transport.get_extra_info("sockname"))
+            writer.transport.abort()
+        deadline = time.monotonic() + timeout
+        while any(w in self._writers for w in orphans) and time.monotonic() < deadline:
+            await asyncio.sleep(0.01)
+
     async def _handle_message_delivery(self, client_session: Any, handler: Any, wait_deliver: Any) -> bool:
         message = wait_deliver.result()
         if message is not None and message.data is not None and len(message.data) > self.max_payload:
@@ -135,6 +156,11 @@ class EmbeddedBroker:
         self._broker = HomenetBroker(self.settings, self.topics)  # amqtt needs the running loop
         await self._broker.start()
         log.info("broker listening on %s", ", ".join(self.settings.listeners))
+
+    async def drop_orphans(self) -> None:
+        """See HomenetBroker.drop_orphans."""
+        if self._broker is not None:
+            await self._broker.drop_orphans()
 
     async def stop(self, timeout: float = 3.0) -> None:
         """amqtt's shutdown has been seen to never return (after "PUBACK for unknown pending

@@ -8,10 +8,11 @@ from homenet.accounts import Accounts, AccountStore, ensure_account
 from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import Topics
-from homenet.settings import ConfiguratorSettings, LanSettings, SettingsError
+from homenet.settings import ConfiguratorSettings, SettingsError
 
 from .gateway import GatewayDriver, GatewayReporter, MemoryGatewayDriver
 from .ipam import LanPlan
+from .renumber import lan_plan, saved_plan
 from .service import Configurator
 from .store import SqliteStore
 
@@ -25,13 +26,11 @@ def db_path(data_dir: Path) -> Path:
     return Path(data_dir) / DB_NAME
 
 
-def lan_plan(lan: LanSettings) -> LanPlan:
-    return LanPlan.build(lan.subnet, lan.gateway, lan.pool_start, lan.pool_end, lan.dns)
-
-
-def make_driver(settings: ConfiguratorSettings, reporter: GatewayReporter) -> GatewayDriver:
-    """The driver named by `gateway_driver`; the drivers' modules load only when chosen."""
-    lan = lan_plan(settings.lan)
+def make_driver(settings: ConfiguratorSettings, reporter: GatewayReporter,
+                lan: LanPlan | None = None) -> GatewayDriver:
+    """The driver named by `gateway_driver`, serving `lan` (default: the `[lan]` settings'); the
+    drivers' modules load only when chosen."""
+    lan = lan or lan_plan(settings.lan)
     if settings.gateway_driver == "linux":
         from .drivers.linux import LinuxGatewayDriver
         return LinuxGatewayDriver(lan, settings.gateway, reporter)
@@ -68,7 +67,9 @@ def build(settings: ConfiguratorSettings) -> Configurator:
         login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
                                                 settings.data_dir / "configurator.secret"))
         ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
-    configurator = Configurator(settings, SqliteStore(db_path(settings.data_dir)), make_driver(settings, reporter),
+    store = SqliteStore(db_path(settings.data_dir))
+    lan = saved_plan(settings.lan, store.meta())  # a renumbered LAN stays renumbered across restarts
+    configurator = Configurator(settings, store, make_driver(settings, reporter, lan),
                                 KeyPair.load_or_create(settings.data_dir / KEY_NAME), accounts, login)
     reporter.connect(configurator.event, configurator.publish_gateway_state)
     return configurator

@@ -91,9 +91,16 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         try:
             if settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
+                loop = asyncio.get_running_loop()
+
+                def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
+                    asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
+                    configurator.lan_watch.poke()
+
                 sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,
                                       _port((plain or tls)[0]), conf_settings.root, settings.beacon.ethertype,
-                                      tls=(tls_port, bytes.fromhex(fingerprint)) if tls_port else None)
+                                      tls=(tls_port, bytes.fromhex(fingerprint)) if tls_port else None,
+                                      renumbered=renumbered)
                 sender.start()
             configurator.start()
             await _until_signal()

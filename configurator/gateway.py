@@ -12,6 +12,7 @@ from __future__ import annotations
 import logging
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
+from ipaddress import IPv4Interface
 from typing import Protocol
 
 from homenet.schemas.messages import (Config, GatewayState, IgmpItem, Ipv4Item, ItemResult, ItemStatus,
@@ -28,6 +29,13 @@ class GatewayDriver(Protocol):
 
     def lan(self) -> LanPlan:
         """The LAN the gateway serves (subnet, gateway address, DHCP pool, DNS)."""
+
+    def observe(self) -> list[IPv4Interface] | None:
+        """The IPv4 addresses the gateway's LAN interface has now, primary first; None when
+        the driver cannot see the LAN (a renumbering is then noticed by no one but the owner)."""
+
+    def set_lan(self, lan: LanPlan) -> None:
+        """Serve `lan` from now on (renumbering); the configurator then re-applies every device."""
 
     def apply(self, config: Config) -> list[ItemResult]:
         """Make the gateway match the device's config; idempotent."""
@@ -109,6 +117,12 @@ class MemoryGatewayDriver:
 
     def lan(self) -> LanPlan:
         return self._lan
+
+    def observe(self) -> None:
+        """A gateway only recorded has no interface to look at."""
+
+    def set_lan(self, lan: LanPlan) -> None:
+        self._lan = lan
 
     def apply(self, config: Config) -> list[ItemResult]:
         wants = wants_of(config)

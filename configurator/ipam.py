@@ -1,7 +1,8 @@
 """IPv4 address planning for the LAN (pure: no I/O).
 
 A device gets a stable address outside the DHCP pool that nobody else holds. Preference order:
-the address it was planned before (stability across re-plans), then an address it already uses
+the address it was planned before (stability across re-plans), else that address's host part
+in the LAN's subnet (a renumbered LAN: .50.20 becomes .60.20), then an address it already uses
 (least disruption), then the lowest free one.
 """
 
@@ -79,7 +80,8 @@ def plan_address(lan: LanPlan, device_id: str, *, previous: IPv4Address | None,
     def free(address: IPv4Address) -> bool:
         return lan.is_static(address) and in_use.get(address, device_id) == device_id
 
-    for candidate in [previous, *reported]:
+    moved = None if previous is None else lan.subnet.network_address + (int(previous) & int(lan.subnet.hostmask))
+    for candidate in [previous, moved, *reported]:
         if candidate is not None and free(candidate):
             return candidate
     for candidate in lan.static_addresses(search_from if search_from and search_from in lan.subnet else None):

@@ -43,7 +43,8 @@ class LifecycleError(Exception):
     """An event that is not allowed in the current state."""
 
 
-_PLANNABLE = (State.REGISTERED, State.CONFIGURING, State.CONFIGURED, State.FAILED, State.UNPLANNED)
+PLANNABLE = (State.REGISTERED, State.CONFIGURING, State.CONFIGURED, State.FAILED, State.UNPLANNED)
+"""Enrolled devices: the ones evaluation is for (a pending or rejected device gets no config)."""
 
 TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.NEW, Event.ACCEPT): State.REGISTERED,
@@ -52,9 +53,9 @@ TRANSITIONS: dict[tuple[State, Event], State] = {
     (State.PENDING, Event.ACCEPT): State.REGISTERED,  # enrollment switched to auto meanwhile
     (State.PENDING, Event.APPROVE): State.REGISTERED,
     (State.PENDING, Event.REJECT): State.REJECTED,
-    **{(s, Event.ACCEPT): s for s in _PLANNABLE},
-    **{(s, Event.CONFIG_SENT): State.CONFIGURING for s in _PLANNABLE},
-    **{(s, Event.PLAN_FAILED): State.UNPLANNED for s in _PLANNABLE},
+    **{(s, Event.ACCEPT): s for s in PLANNABLE},
+    **{(s, Event.CONFIG_SENT): State.CONFIGURING for s in PLANNABLE},
+    **{(s, Event.PLAN_FAILED): State.UNPLANNED for s in PLANNABLE},
     (State.CONFIGURING, Event.RESULT_OK): State.CONFIGURED,
     (State.CONFIGURED, Event.RESULT_OK): State.CONFIGURED,
     (State.FAILED, Event.RESULT_OK): State.CONFIGURED,

@@ -52,30 +52,32 @@ class Plan:
     items: list[ConfigItem]
 
 
-def primary_interface(info: DeviceInfo, lan: LanPlan) -> Interface:
-    """The interface to configure: up, not loopback, with a MAC; one already on the LAN first."""
+def primary_interface(info: DeviceInfo, lan: LanPlan, previous: str | None = None) -> Interface:
+    """The interface to configure: up, not loopback, with a MAC; one already on the LAN first,
+    then the one configured before (`previous`: after a renumbering none is on the LAN)."""
     usable = [i for i in info.interfaces if i.up and i.mac and i.mac != "00:00:00:00:00:00"]
     if not usable:
         raise PlanError(f"device {info.device_id} reports no interface that is up and has a MAC")
     on_lan = [i for i in usable if any(a in lan.subnet for a in addresses_of(i.addresses))]
-    return (on_lan or usable)[0]
+    before = [i for i in usable if i.name == previous]
+    return (on_lan or before or usable)[0]
 
 
-def _previous(items: list[ConfigItem]) -> tuple[IPv4Address | None, dict[tuple[str, int], int]]:
-    address = next((i.address for i in items if isinstance(i, Ipv4Item)), None)
+def _previous(items: list[ConfigItem]) -> tuple[Ipv4Item | None, dict[tuple[str, int], int]]:
+    ipv4 = next((i for i in items if isinstance(i, Ipv4Item)), None)
     ports = {(i.protocol, i.internal_port): i.external_port
              for i in items if isinstance(i, PortMappingItem)}
-    return address, ports
+    return ipv4, ports
 
 
 def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = ()) -> Plan:
     """Plan the device's configuration; raise PlanError (with the reason) when it cannot be done."""
     profile = profile_for(info.device_type)
     lan = view.lan
-    iface = primary_interface(info, lan)
-    prev_address, prev_ports = _previous(list(previous))
+    prev_ipv4, prev_ports = _previous(list(previous))
+    iface = primary_interface(info, lan, prev_ipv4.interface if prev_ipv4 else None)
     try:
-        address = plan_address(lan, info.device_id, previous=prev_address,
+        address = plan_address(lan, info.device_id, previous=prev_ipv4.address if prev_ipv4 else None,
                                reported=addresses_of(iface.addresses), in_use=view.addresses,
                                search_from=view.free_from)
         mappings = [

@@ -10,6 +10,7 @@ at the MQTT level or ours, is ever ahead of the database. If the commit fails, n
 out, the store is as before, and the same batch is tried again with backoff; the broker
 keeps the unacknowledged messages meanwhile. A commit refused because another configurator
 claimed a higher epoch (`Fenced`) makes this one stand down without sending anything.
+The LAN watch's renumbering is queued onto the worker like a message.
 A message that fails validation is dropped with a log line and an `events` entry.
 """
 
@@ -42,9 +43,12 @@ from homenet.settings import ConfiguratorSettings
 
 from .gateway import GatewayDriver
 from .holdings import Holdings
-from .lifecycle import Event, State, advance
+from .ipam import LanPlan
+from .lanwatch import LanWatch
+from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
 from .records import DeviceRecord, now
+from .renumber import lan_plan, left_the_lan, saved, saved_plan
 from .store import Fenced, Store, StoreError
 
 log = logging.getLogger(__name__)
@@ -85,6 +89,7 @@ class Configurator:
         self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._work, name="configurator", daemon=True)
         self._outbox = threading.local()
+        self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
@@ -117,6 +122,7 @@ class Configurator:
                                 qos=1, retain=True).wait_for_publish(timeout=5)
         self.client.disconnect()
         self.client.loop_stop()
+        self.lan_watch.stop()
         self.driver.close()
 
     def _state_payload(self, state: str) -> bytes:
@@ -147,6 +153,7 @@ class Configurator:
         if not self._replanned:  # the LAN or the policy may have changed while we were down
             self._replanned = True
             self._replan_all()
+            self._later(self.lan_watch.start)
         self._later(log.info, "configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self._later(self.connected.set)
 
@@ -523,12 +530,18 @@ class Configurator:
         if record is None:
             raise Rejected(f"info from {info.device_id}, which has not registered")
         moved = info.interfaces != record.info.interfaces
+        strays = left_the_lan(self.driver.lan(), record.info, info)
         record, planned = self._plan(record.model_copy(update={
             "info": info, "last_seq": envelope.seq, "updated": now()}))
         self._put(record)
         if moved:
             self.event("device.info", device_id=record.device_id,
                        addresses=[a for i in info.interfaces for a in i.addresses])
+        if strays:  # the LAN may have moved under the device: look at the gateway now
+            self.event("lan.mismatch", Severity.WARNING, device_id=record.device_id,
+                       reason=f"reports {', '.join(strays)}, outside the LAN {self.driver.lan().subnet}; "
+                              f"checking the gateway's LAN")
+            self.lan_watch.poke()
         self._after_commit(record, planned)
 
     def _on_result(self, _topic: str, envelope: Envelope, result: ConfigResult, record: DeviceRecord | None) -> None:
@@ -554,8 +567,35 @@ class Configurator:
 
     # --- evaluation ----------------------------------------------------------------------
 
+    def renumber(self, lan: LanPlan, timeout: float = 60.0) -> None:
+        """The gateway's LAN moved to `lan` (docs/renumbering.md): keep it, then re-plan every
+        device in it. Called from the LAN watch's thread; done by the worker in a batch of its
+        own, and returns once that batch has committed."""
+        done = threading.Event()
+
+        def task() -> None:
+            self._renumber(lan)
+            self._later(done.set)
+
+        self._inbox.put(task)
+        done.wait(timeout)
+
+    def _renumber(self, lan: LanPlan) -> None:
+        # the committed plan, not the driver's: a batch that failed to commit is tried again
+        old = saved_plan(self.settings.lan, self.store.meta()) or lan_plan(self.settings.lan)
+        if old == lan:  # the watch saw the move twice before the first one was done
+            return
+        self.store.set_meta(lan=saved(lan, self.settings.lan))
+        self.driver.set_lan(lan)
+        self.event("lan.renumbered", reason=f"{old.subnet} (gateway {old.gateway}) -> {lan.subnet} "
+                                            f"(gateway {lan.gateway})", old=str(old.subnet), new=str(lan.subnet))
+        self._replan_all()
+        self.publish_gateway_state()
+
     def _replan_all(self) -> None:
         for record in self.store.all():
+            if record.state not in PLANNABLE:
+                continue
             record, planned = self._plan(record)
             if planned:
                 self._put(record)

@@ -80,7 +80,8 @@ class SqliteStore:
         if read_only and not self.path.exists():
             return  # nothing stored yet; and a reader must not create the file
         self._db = self._open()
-        self._load()
+        if self._has_tables():  # a reader may come before the writer made them
+            self._load()
 
     # --- opening -------------------------------------------------------------------------
 
@@ -108,6 +109,10 @@ class SqliteStore:
             raise StoreError(f"{self.path} has database schema {version}, newer than this homenet's "
                              f"{SCHEMA_VERSION}: upgrade homenet")
         return db
+
+    def _has_tables(self) -> bool:
+        assert self._db is not None
+        return self._db.execute("SELECT 1 FROM sqlite_master WHERE name='devices'").fetchone() is not None
 
     def _load(self) -> None:
         assert self._db is not None

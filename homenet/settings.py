@@ -85,6 +85,9 @@ class GatewayDriverSettings(Section):
     """igmpproxy runs as the configurator's child while a device needs it, with this config."""
     retry_max: float = Field(default=60.0, gt=0)
     """Longest wait, in seconds, between retries of a failed gateway operation (backoff from 1 s)."""
+    lan_check_interval: float = Field(default=2.0, gt=0)
+    """Seconds between reads of `lan_interface`'s IPv4 address: when it moves to another subnet,
+    every device is re-planned in it (docs/renumbering.md)."""
 
 
 class ConfiguratorSettings(Section):

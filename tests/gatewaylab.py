@@ -80,11 +80,13 @@ class GatewayHome(Home):
     def log(self) -> str:
         return (self.tmp / "gateway.log").read_text()
 
-    def start_dnsmasq(self) -> subprocess.Popen[str]:
+    def start_dnsmasq(self, lan: str = "192.168.50") -> subprocess.Popen[str]:
+        """dnsmasq serving the pool .100-.199 of the /24 `lan`, with homenet's hosts file."""
         dnsmasq = require_program("dnsmasq", "/usr/sbin/dnsmasq")
+        (self.tmp / "dnsmasq.pid").unlink(missing_ok=True)
         proc = self.gw.popen(dnsmasq, "--keep-in-foreground", "--conf-file=/dev/null", "--port=0",
                              "--interface=br0", "--bind-interfaces", "--user=root", "--group=root",
-                             "--dhcp-range=192.168.50.100,192.168.50.199,255.255.255.0,1h",
+                             f"--dhcp-range={lan}.100,{lan}.199,255.255.255.0,1h",
                              f"--dhcp-hostsfile={self.tmp / 'dhcp-hosts'}", f"--pid-file={self.tmp / 'dnsmasq.pid'}",
                              f"--dhcp-leasefile={self.tmp / 'dnsmasq.leases'}", "--log-dhcp",
                              f"--log-facility={self.tmp / 'dnsmasq.log'}")

@@ -136,12 +136,13 @@ class Gateway:
             self.configurator.store.close()
             self.configurator = None
 
-    def agent(self, device_type: str, device_id: str | None = None, start: bool = True) -> Agent:
+    def agent(self, device_type: str, device_id: str | None = None, start: bool = True, **settings: Any) -> Agent:
+        """A simulated agent; `settings`: more AgentSettings, e.g. `info_interval`."""
         device_id = device_id or f"test-{device_type}"
         agent = build_agent(AgentSettings(broker=self.broker.url, device_id=device_id, device_type=device_type,
                                           model=f"Test {device_type}", collector="simulated",
                                           broker_fingerprint=self.broker.fingerprint,
-                                          data_dir=self.tmp / "agents" / device_id))
+                                          data_dir=self.tmp / "agents" / device_id, **settings))
         self.agents.append(agent)
         if start:
             agent.start()

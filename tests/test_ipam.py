@@ -137,10 +137,16 @@ def test_first_usable_reported_address_is_adopted(lan):
     assert got == ip("192.168.1.40")
 
 
-def test_address_from_the_old_subnet_is_not_kept_after_renumbering():
+def test_after_renumbering_the_address_keeps_its_host_part_in_the_new_subnet():
     renumbered = LanPlan.build("10.0.0.0/24", "10.0.0.1", "10.0.0.100", "10.0.0.200")
     got = plan(renumbered, previous="192.168.1.77", reported=("192.168.1.77",))
-    assert got == ip("10.0.0.2")
+    assert got == ip("10.0.0.77")
+
+
+def test_after_renumbering_a_host_part_held_by_another_or_in_the_pool_is_not_kept():
+    renumbered = LanPlan.build("10.0.0.0/24", "10.0.0.1", "10.0.0.100", "10.0.0.200")
+    assert plan(renumbered, previous="192.168.1.77", in_use={"10.0.0.77": "other"}) == ip("10.0.0.2")
+    assert plan(renumbered, previous="192.168.1.150") == ip("10.0.0.2")
 
 
 def test_planning_is_deterministic(lan):

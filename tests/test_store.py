@@ -146,6 +146,11 @@ def test_database_file_is_private(store, db_path):
         assert path.stat().st_mode & 0o077 == 0, path
 
 
+def test_a_reader_coming_before_the_writer_made_its_tables_sees_an_empty_store(db_path):
+    db_path.touch()  # the writer has just created the file
+    assert SqliteStore(db_path, read_only=True).all() == []
+
+
 def test_opening_a_missing_database_read_only_does_not_create_it(db_path):
     assert SqliteStore(db_path, read_only=True).all() == []
     assert not db_path.exists()

@@ -8,7 +8,9 @@ single transaction) while the others go ahead, and it is retried. All work happe
 thread, in order: `apply` and `remove` hand it their change and wait for the outcome; a failed
 part is retried on that thread with backoff (1 s, doubling, up to `retry_max`), and what the
 retries achieve is reported through the GatewayReporter. `state()` lists, per part, what was
-last put in force, not what is merely wanted.
+last put in force, not what is merely wanted. `observe` reads the LAN interface's addresses,
+so the configurator notices a renumbered LAN (docs/renumbering.md); `set_lan` restarts
+igmpproxy, which takes the interfaces' addresses only when it starts.
 """
 
 from __future__ import annotations
@@ -20,7 +22,9 @@ import threading
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
+from ipaddress import IPv4Interface
 
+from homenet.netutil import ipv4_addresses
 from homenet.schemas.messages import Config, GatewayState, ItemResult, ItemStatus, Severity
 from homenet.settings import GatewayDriverSettings
 
@@ -67,6 +71,15 @@ class LinuxGatewayDriver:
 
     def lan(self) -> LanPlan:
         return self._lan
+
+    def observe(self) -> list[IPv4Interface]:
+        return ipv4_addresses(self.settings.lan_interface)
+
+    def set_lan(self, lan: LanPlan) -> None:
+        def renumbered() -> None:
+            self._lan = lan
+            self._proxy.stop()  # the next sync starts it again when a device needs it
+        self._submit(renumbered)
 
     def apply(self, config: Config) -> list[ItemResult]:
         wants = wants_of(config)

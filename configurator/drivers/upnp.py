@@ -33,6 +33,12 @@ class UpnpGatewayDriver:
     def lan(self) -> LanPlan:
         return self._lan
 
+    def observe(self) -> None:
+        """UPnP IGD does not tell the router's LAN address; the `[lan]` settings say it."""
+
+    def set_lan(self, lan: LanPlan) -> None:
+        self._lan = lan
+
     def apply(self, config: Config) -> list[ItemResult]:
         self._delegated[config.device_id] = port_mappings(config, Target.AGENT)
         return [ItemResult(item=key, status=ItemStatus.UNSUPPORTED, detail=WHY.get(key, "not over UPnP IGD"))
