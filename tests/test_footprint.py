@@ -11,7 +11,7 @@ import subprocess
 import sys
 from pathlib import Path
 
-NOT_LOADED = {"pyroute2", "psutil", "amqtt", "tinydb", "async_upnp_client", "asyncio"}
+NOT_LOADED = {"pyroute2", "psutil", "cryptography", "amqtt", "tinydb", "async_upnp_client", "asyncio"}
 
 
 def loaded_after(code: str) -> set[str]:
