@@ -11,6 +11,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 NOT_LOADED = {"pyroute2", "psutil", "cryptography", "amqtt", "tinydb", "async_upnp_client", "asyncio"}
 
 
@@ -26,10 +28,15 @@ def test_importing_the_agent_loads_no_heavy_library_it_may_not_need() -> None:
     assert not loaded & NOT_LOADED, f"loaded by importing the agent: {sorted(loaded & NOT_LOADED)}"
 
 
-def test_a_simulated_agent_given_a_broker_loads_none_of_them_either(tmp_path: Path) -> None:
-    """Building the whole agent (key made, state opened, simulated executor) as `run` does."""
+@pytest.mark.parametrize("collector", ["simulated", "linux"])
+def test_an_agent_given_a_broker_loads_none_of_them_until_it_applies_something(tmp_path: Path,
+                                                                               collector: str) -> None:
+    """Building the whole agent as `run` does: key made, state opened, executor chosen (`auto`:
+    iproute2 or NetworkManager for `linux`, inside the UPnP wrapper). Only the linux collector
+    needs psutil; pyroute2 and asyncio wait for the first item to apply."""
     loaded = loaded_after(
         "from pathlib import Path\nfrom homenet.settings import AgentSettings\nfrom homenet.agent.app import build\n"
-        f"build(AgentSettings(broker='mqtt://127.0.0.1:1', collector='simulated', device_id='fp-1', "
+        f"build(AgentSettings(broker='mqtt://127.0.0.1:1', collector={collector!r}, device_id='fp-1', "
         f"data_dir=Path({str(tmp_path)!r})))")
-    assert not loaded & NOT_LOADED, f"loaded by building a simulated agent: {sorted(loaded & NOT_LOADED)}"
+    unexpected = loaded & (NOT_LOADED - {"psutil"} if collector == "linux" else NOT_LOADED)
+    assert not unexpected, f"loaded by building a {collector} agent: {sorted(unexpected)}"
