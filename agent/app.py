@@ -1,8 +1,8 @@
 """Assembling an agent from settings: identity, state, collector, executor.
 
-The executors other than `simulated` (pyroute2, nmcli, async-upnp-client) and the TLS pinning
-are imported only when the settings choose them: pyroute2 alone is about 14 MB of RSS, which
-an agent that never uses it should not carry (docs/performance.md, Footprint).
+The real executors (iproute2, networkmanager, upnp) and the TLS pinning are imported only when
+the settings choose them, and they import their own heavy libraries (pyroute2, asyncio) only
+when they act: every megabyte here is in every device's agent (docs/performance.md, Footprint).
 """
 
 from __future__ import annotations
