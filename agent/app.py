@@ -1,4 +1,9 @@
-"""Assembling an agent from settings: identity, state, collector, executor."""
+"""Assembling an agent from settings: identity, state, collector, executor.
+
+The real executors (iproute2, networkmanager, upnp) and the TLS pinning are imported only when
+the settings choose them, and they import their own heavy libraries (pyroute2, asyncio) only
+when they act: every megabyte here is in every device's agent (docs/performance.md, Footprint).
+"""
 
 from __future__ import annotations
 
@@ -7,9 +12,7 @@ import re
 from homenet.keys import KeyPair
 from homenet.mqtt import BrokerUrl
 from homenet.settings import AgentSettings
-from homenet.tls import pin_certificate
 
-from . import iproute2, networkmanager, upnp
 from .collector import Collector, LinuxCollector
 from .device import Device
 from .executor import Executor, SimulatedCollector, SimulatedExecutor
@@ -39,6 +42,8 @@ def open_device(settings: AgentSettings) -> Device:
         simulated = SimulatedExecutor(settings.data_dir)
         executor, collector = simulated, SimulatedCollector(device_id, simulated)
     else:
+        from . import upnp
+
         collector = LinuxCollector()
         # a port mapping given to the agent is for the router's IGD (a third-party gateway)
         executor = upnp.UpnpExecutor(_real_executor(settings), settings.data_dir, settings.upnp_lease)
@@ -50,6 +55,8 @@ def open_device(settings: AgentSettings) -> Device:
 def _real_executor(settings: AgentSettings) -> Executor:
     """`auto`: NetworkManager when it runs (it would undo changes made behind its back), else
     iproute2 with CAP_NET_ADMIN, else simulated."""
+    from . import iproute2, networkmanager
+
     choice = settings.executor
     if choice == "auto":
         choice = ("networkmanager" if networkmanager.detect() else
@@ -77,6 +84,8 @@ def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Devi
         if settings.broker_cafile is not None:
             cafile = settings.broker_cafile
         elif fingerprint is not None:
+            from homenet.tls import pin_certificate
+
             cafile = pin_certificate(broker.host, broker.port, fingerprint, settings.data_dir / "broker-cert.pem")
         else:
             raise ValueError(f"{broker} is TLS: give --broker-fingerprint (SHA-256 of its certificate) or --cafile")

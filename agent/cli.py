@@ -5,16 +5,17 @@ from __future__ import annotations
 import signal
 import threading
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import click
 
 from homenet import logs
 from homenet.settings import AgentSettings, SettingsError, load
 
-from homenet.l2 import NoRawSocket
-
 from .app import Device, build, open_device
-from .bootstrap import BeaconListener, Discovery
+
+if TYPE_CHECKING:  # imported when discovery runs: an agent given --broker never loads psutil for it
+    from .bootstrap import BeaconListener, Discovery
 
 
 @click.group()
@@ -77,6 +78,10 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
 
 def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
     """Find the broker from the beacon; the listener is kept, for the agent to follow later beacons."""
+    from homenet.l2 import NoRawSocket
+
+    from .bootstrap import BeaconListener
+
     settings = device.settings
     try:
         listener = BeaconListener(device.state, device.pinned, settings.beacon_ethertype)

@@ -1,12 +1,13 @@
-"""What the device is and has, read from the running system."""
+"""What the device is and has, read from the running system.
+
+psutil is imported on first use: an agent with the simulated collector never loads it.
+"""
 
 from __future__ import annotations
 
 import ipaddress
 import socket
 from typing import Protocol
-
-import psutil
 
 from homenet.schemas.messages import Interface
 
@@ -33,6 +34,8 @@ class LinuxCollector:
         return socket.gethostname()
 
     def interfaces(self) -> list[Interface]:
+        import psutil
+
         stats = psutil.net_if_stats()
         found = []
         for name, addrs in sorted(psutil.net_if_addrs().items()):

@@ -11,6 +11,11 @@ nothing: when a step fails, the settings seen before the item are put back. `che
 `rollback` cover everything `apply` changes: the IPv4 addresses of every interface, the main
 table's IPv4 default routes and the resolv.conf file (including a symlink, e.g. to
 systemd-resolved's stub file, which writing DNS servers replaces by a plain file).
+
+pyroute2 is imported by the methods that talk netlink, not with this module: it costs about
+14 MB of resident memory, and every agent with executor `auto` asks `usable()` (which reads
+/proc) without necessarily applying anything; an agent restarted with its config applied
+never loads it (docs/performance.md, Footprint).
 """
 
 from __future__ import annotations
@@ -22,14 +27,15 @@ import sys
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
-
-from pyroute2 import IPRoute, NetlinkError
+from typing import TYPE_CHECKING, Any
 
 from homenet.durable import write_atomic
 from homenet.schemas.messages import ConfigItem, Ipv4Item, ItemResult, ItemStatus, item_key
 
 from .executor import ExecutorError
+
+if TYPE_CHECKING:
+    from pyroute2 import IPRoute
 
 MAIN_TABLE = 254
 RTN_UNICAST = 1
@@ -156,6 +162,8 @@ def _with_nameservers(content: bytes | None, dns: Sequence[object]) -> bytes:
 
 
 def _why(exc: Exception) -> str:
+    from pyroute2 import NetlinkError
+
     if isinstance(exc, NetlinkError):
         text = exc.args[1] if len(exc.args) > 1 else os.strerror(exc.code)
         return f"{text} (netlink errno {exc.code})"
@@ -183,6 +191,8 @@ class Iproute2Executor:
         if not isinstance(item, Ipv4Item):
             return ItemResult(item=key, status=ItemStatus.UNSUPPORTED,
                               detail=f"the iproute2 executor does not apply {item.kind}")
+        from pyroute2 import IPRoute, NetlinkError
+
         try:
             with IPRoute() as ipr:
                 status, detail = self._apply_ipv4(ipr, item)
@@ -193,6 +203,8 @@ class Iproute2Executor:
         return ItemResult(item=key, status=status, detail=detail)
 
     def _apply_ipv4(self, ipr: IPRoute, item: Ipv4Item) -> tuple[ItemStatus, str]:
+        from pyroute2 import NetlinkError
+
         index, name = self._find_interface(ipr, item)
         cidr, gateway = f"{item.address}/{item.prefix_len}", str(item.gateway)
         resolv = _read_file(self.resolv_conf).content
@@ -262,6 +274,8 @@ class Iproute2Executor:
     # --- checkpoint and rollback -------------------------------------------------------------
 
     def checkpoint(self) -> Iproute2Checkpoint:
+        from pyroute2 import IPRoute, NetlinkError
+
         try:
             with IPRoute() as ipr:
                 return self._checkpoint(ipr)
@@ -273,6 +287,8 @@ class Iproute2Executor:
         return Iproute2Checkpoint(addresses, _default_routes(ipr), _read_file(self.resolv_conf))
 
     def rollback(self, checkpoint: Iproute2Checkpoint) -> None:
+        from pyroute2 import IPRoute, NetlinkError
+
         try:
             with IPRoute() as ipr:
                 self._restore(ipr, checkpoint)
@@ -281,6 +297,8 @@ class Iproute2Executor:
 
     def _restore(self, ipr: IPRoute, checkpoint: Iproute2Checkpoint) -> None:
         """Every step is tried, so one failure does not leave the rest unrestored."""
+        from pyroute2 import NetlinkError
+
         problems: list[str] = []
 
         def attempt(what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
@@ -314,6 +332,8 @@ class Iproute2Executor:
         """The real state of the interfaces this executor configured (this run of the agent)."""
         if not self._configured:
             return {}
+        from pyroute2 import IPRoute, NetlinkError
+
         try:
             with IPRoute() as ipr:
                 links = {link["index"]: link for link in ipr.get_links()}

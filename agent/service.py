@@ -32,7 +32,7 @@ import logging
 import threading
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import paho.mqtt.client as paho
 
@@ -43,10 +43,12 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
-from .bootstrap import Discovery
 from .device import Device
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
                         save_checkpoint)
+
+if TYPE_CHECKING:  # the beacon listener loads psutil: only agents that discover need it
+    from .bootstrap import Discovery
 
 log = logging.getLogger(__name__)
 

@@ -13,11 +13,14 @@ are those applied since the last config began (`checkpoint`), or those of the co
 when a new one is rolled back; any other (a newer config no longer holds it, or it belongs to a
 config rolled back) is not renewed and expires. They are kept in the state directory, so an agent
 that restarts (and rightly does not re-apply a config it applied) still renews them.
+
+Every agent with the `linux` collector wraps its executor in this one, and most never see a
+port mapping: asyncio (about 3 MB of resident memory) and async-upnp-client are imported when
+a mapping is made or renewed, not with this module (docs/performance.md, Footprint).
 """
 
 from __future__ import annotations
 
-import asyncio
 import importlib.util
 import logging
 import socket
@@ -124,6 +127,8 @@ class UpnpExecutor:
         if importlib.util.find_spec("async_upnp_client") is None:
             return ItemResult(item=key, status=ItemStatus.UNSUPPORTED,
                               detail="UPnP needs async-upnp-client: pip install 'homenet[upnp]'")
+        import asyncio
+
         try:
             lease = asyncio.run(_add(item, self.lease, None))
         except Exception as exc:  # noqa: BLE001 - SSDP, HTTP, SOAP faults: all reported, none fatal
@@ -187,6 +192,8 @@ class UpnpExecutor:
             self._leases = {k: v for k, v in self._leases.items() if k in self._current}
             leases = dict(self._leases)
             self._save()
+        import asyncio
+
         ok = True
         for key, lease in leases.items():
             item = PortMappingItem.model_validate(lease["item"])

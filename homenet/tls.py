@@ -14,11 +14,6 @@ import socket
 import ssl
 from pathlib import Path
 
-from cryptography import x509
-from cryptography.hazmat.primitives import hashes, serialization
-from cryptography.hazmat.primitives.asymmetric import ec
-from cryptography.x509.oid import NameOID
-
 from homenet.durable import write_atomic
 
 
@@ -35,6 +30,12 @@ def ensure_certificate(cert: Path, key: Path, name: str = "homenet-gateway") -> 
     """The gateway's certificate (PEM), made on first use: EC P-256, ten years, self-signed."""
     if cert.exists() and key.exists():
         return cert.read_bytes()
+    # here, not at the top: the agent pins certificates with `ssl` alone and need not load x509
+    from cryptography import x509
+    from cryptography.hazmat.primitives import hashes, serialization
+    from cryptography.hazmat.primitives.asymmetric import ec
+    from cryptography.x509.oid import NameOID
+
     private = ec.generate_private_key(ec.SECP256R1())
     subject = x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)])
     now = datetime.datetime.now(datetime.timezone.utc)
