@@ -374,10 +374,13 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
               "at rest on a database of 1,000 and of 5,000 devices (up to 3 min each).")
 @click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="All results as JSON.")
 @click.option("--keep", is_flag=True, help="Keep each run's temp dir (database, configurator log).")
+@click.option("--renumber/--no-renumber", default=True, show_default=True,
+              help="After each storm, restart the configurator with the LAN moved to another subnet and "
+              "time until every device confirmed its new config.")
 def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: float, processes: int,
-                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool) -> None:
+                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool) -> None:
     """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS."""
     from .storm import run_storm
 
     run_storm(list(counts) or [250, 1000, 5000], list(brokers) or ["amqtt", "mosquitto"], timeout, processes,
-              profile, footprint, json_out, keep)
+              profile, footprint, json_out, keep, renumber)

@@ -296,7 +296,7 @@ class Configurator:
             if len(msg.payload) > MAX_PAYLOAD:
                 raise Rejected(f"payload of {len(msg.payload)} bytes is over the {MAX_PAYLOAD}-byte limit")
             if topic.channel == "config":
-                self._on_config_seen(topic.device_id, msg.payload)
+                self._on_config_seen(topic.device_id, msg.payload, msg.retain)
                 return
             if not msg.payload:  # a retained message being deleted, not a message
                 return
@@ -439,12 +439,14 @@ class Configurator:
         self.event("device.forgotten", device_id=record.device_id, address=record.address)
         return {"device_id": record.device_id, "address": record.address}
 
-    def _on_config_seen(self, device_id: str, payload: bytes) -> None:
+    def _on_config_seen(self, device_id: str, payload: bytes, retained: bool) -> None:
         """Only this configurator writes configs: anything else on a config topic is put right."""
         record = self.store.get(device_id)
         ours = record.config_payload.encode() if record and record.config_payload else None
         if payload == ours or (not payload and ours is None):
             return
+        if retained and ours is not None and self._superseded(payload, record.version):
+            return  # handed back at (re)subscribe; the newer one, sent since, has replaced it
         if ours is not None:  # restore the retained config the device must see
             self._publish_raw(self.topics.device(device_id, "config"), ours, retain=True)
         if not payload:
@@ -456,6 +458,14 @@ class Configurator:
             raise Rejected("config not signed by this configurator's key; current config restored")
         raise Rejected(f"config version {config.version} is not the current one "
                        f"({record.version if record else 0}): stale or replayed; current config restored")
+
+    def _superseded(self, payload: bytes, current: int) -> bool:
+        """An older config of this configurator's own, signed by its key."""
+        try:
+            envelope, config = decode(payload, expected_kind="config")
+        except ContractError:
+            return False
+        return envelope.sender == self.sender and signed_by(envelope, self.key.public) and config.version < current
 
     def _check_signature(self, envelope: Envelope, record: DeviceRecord | None) -> None:
         key = unb64(record.public_key) if record and record.public_key else None

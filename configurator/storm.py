@@ -18,6 +18,12 @@ the gateway's local operator when the broker authenticates) records when `config
 each device arrives on `events`: the configurator publishes it only after the `configured` state
 is committed to its database. A run ends when every device is confirmed or at `--timeout`.
 
+With `--renumber`, once all are confirmed the gateway is renumbered as after a firmware
+upgrade: the configurator restarts (for amqtt the whole gateway process, broker included, so
+every device reconnects) with its LAN moved from 10.0.0.0/16 to 10.1.0.0/16, re-plans every
+device and sends new configs; reported is the time from that restart to the last device
+confirming its new config (`config.applied` of version 2).
+
 Reported per run: time from "go" to the last `config.applied`; per-agent latency from the
 agent's first TCP connect to its `config.applied`; CPU seconds between "go" and the end of the
 run of the configurator process (for amqtt: broker and configurator together), of Mosquitto,
@@ -123,6 +129,8 @@ class Observer:
     def __init__(self, url_port: int, topics: Topics, login: tuple[str, str] | None) -> None:
         self.topics = topics
         self.applied: dict[str, float] = {}
+        self.reapplied: dict[str, float] = {}
+        """A later version confirmed (after a renumbering)."""
         self.other: Counter[str] = Counter()
         self.samples: dict[str, str] = {}
         self.online = threading.Event()
@@ -147,8 +155,10 @@ class Observer:
         body = json.loads(msg.payload)["body"]
         event = body["event"]
         if event == "config.applied":
-            self.applied.setdefault(body["device_id"], arrived)
-        elif event not in ("device.registered", "config.sent", "device.info", "device.online"):
+            confirmed = self.applied if body["detail"].get("version", 1) == 1 else self.reapplied
+            confirmed.setdefault(body["device_id"], arrived)
+        elif event not in ("device.registered", "config.sent", "device.info", "device.online", "device.offline",
+                           "lan.renumbered"):
             self.other[event] += 1
             self.samples.setdefault(event, f"{body.get('device_id')}: {body.get('reason')}"[:200])
 
@@ -185,6 +195,9 @@ class StormRun:
     store_configured: int | None = None
     db_bytes: int = 0
     profile: list[str] = field(default_factory=list)
+    renumbered_s: float | None = None
+    """Restart with the new LAN -> the last device confirmed its new config (`--renumber`)."""
+    reconfirmed: int = 0
 
     def pct(self, q: int) -> float | None:
         if len(self.latencies_ms) < 2:
@@ -209,12 +222,17 @@ class Server:
     def start(self) -> None:
         if self.mosquitto is not None:
             self.mosquitto.start()
+        self.start_configurator()
+
+    def start_configurator(self) -> None:
+        """The configurator; for amqtt the gateway process (broker included)."""
+        if self.mosquitto is not None:
             cmd = [_script("homenet"), "configurator", "run", "--config", str(self.config),
                    "--data-dir", str(self.data), "--broker", self.mosquitto.url]
         else:
             cmd = [_script("homenet"), "gateway", "run", "--config", str(self.config), "--data-dir",
                    str(self.data), "--listen", f"127.0.0.1:{self.port}"]
-        with open(self.log, "wb") as log:
+        with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
         if self.broker != "mosquitto":
             wait_listening(self.port, timeout=30)
@@ -244,6 +262,19 @@ class Server:
         _stop_process(self.proc)
         if self.mosquitto:
             self.mosquitto.stop()
+
+    def renumber(self, observer: Observer, n: int, timeout: float) -> tuple[float | None, int]:
+        """Restart the configurator with the LAN moved to 10.1.0.0/16 (a firmware upgrade):
+        seconds from the restart until all `n` devices confirmed their new config, and how many did."""
+        _stop_process(self.proc)
+        self.config.write_text(CONFIG_TOML.replace('"10.0.', '"10.1.'))
+        t_restart = time.monotonic()
+        self.start_configurator()
+        deadline = t_restart + timeout
+        while len(observer.reapplied) < n and time.monotonic() < deadline and self.alive():
+            time.sleep(0.05)
+        done = len(observer.reapplied)
+        return (max(observer.reapplied.values()) - t_restart if done >= n else None), done
 
 
 def _py_spy() -> str | None:
@@ -283,7 +314,7 @@ def summarize_profile(raw: Path, top: int = 15) -> list[str]:
 
 
 def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | None,
-          keep: bool = False) -> StormRun:
+          keep: bool = False, renumber: bool = False) -> StormRun:
     run = StormRun(broker, n, timeout)
     ctx = multiprocessing.get_context("spawn")
     with ExitStack() as stack:
@@ -354,6 +385,8 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
                 spy.wait(30)
             except subprocess.TimeoutExpired:
                 spy.kill()
+        if renumber and run.finished:
+            run.renumbered_s, run.reconfirmed = server.renumber(observer, n, timeout)
         for _, conn in workers:
             conn.send("stop")
         results = []
@@ -588,6 +621,10 @@ def details(r: StormRun) -> str:
              f"{r.rss_kb.get('start', 0) / 1024:.1f} MB, end {r.rss_kb.get('end', 0) / 1024:.1f} MB, peak "
              f"{r.rss_kb.get('peak', 0) / 1024:.1f} MB; {r.gen_procs} generator processes (max RSS "
              f"{r.gen_maxrss_kb / 1024:.0f} MB each); TCP connections {r.connections} (refused {r.refused})"]
+    if r.reconfirmed:
+        lines.append(f"    renumbered (restart with 10.1.0.0/16): "
+                     + (f"all {r.n} confirmed their new config {r.renumbered_s:.2f} s after the restart"
+                        if r.renumbered_s is not None else f"{r.reconfirmed}/{r.n} confirmed in {r.timeout:.0f} s"))
     if r.events:
         lines.append(f"    other events: {r.events}; e.g. {r.event_samples}")
     lines += [f"    error: {e}" for e in r.errors]
@@ -603,7 +640,7 @@ def _terminated(signum: int, _frame: Any) -> NoReturn:
 
 
 def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: int, profile: Path | None,
-              footprint: bool, json_out: Path | None, keep: bool = False) -> None:
+              footprint: bool, json_out: Path | None, keep: bool = False, renumber: bool = False) -> None:
     if "mosquitto" in brokers and Mosquitto.binary() is None:
         raise click.ClickException("mosquitto is not installed (Debian package 'mosquitto')")
     click.echo(f"homenet {__version__} bench storm: N agents ({DEVICE_TYPE}) connect and register at once; "
@@ -619,7 +656,7 @@ def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: 
                 prof = None
                 if profile is not None:
                     prof = profile.with_name(f"{profile.stem}-{broker}-{n}{profile.suffix or '.txt'}")
-                runs.append(storm(broker, n, timeout, processes, prof, keep))
+                runs.append(storm(broker, n, timeout, processes, prof, keep, renumber))
                 click.echo(f"  {broker} {n}: {'done' if runs[-1].finished else 'NOT FINISHED'} "
                            f"after {runs[-1].elapsed_s:.1f} s", err=True)
         click.echo(table(runs))
