@@ -3,13 +3,15 @@
 Theory of operation: on every (re)connect the agent subscribes first (paho does not restore
 subscriptions), marks itself online (the will says offline), and waits for the retained
 `configurator/state`. Each time a configurator is online with an epoch it has not registered
-with on this connection, it registers. A retained `config` above the applied version is
-executed item by item, safely (`safeapply.py`): changed IPv4 settings that lose the broker
-are rolled back. The new version and its result are saved before the result is published, so
-a restart neither re-applies nor forgets a confirmation. A rolled-back version is not applied:
-a later version is, and the same version once more only after a restart (the retained config
-comes back on every reconnect, and retrying it each time would flap the device's network). An
-`info` goes out when the device's interfaces or addresses change.
+with on this connection, it registers (a standby that took over has a new epoch). A retained
+`config` above the applied version, and from an epoch no older than the applied config's (an
+older one comes from a configurator fenced since), is executed item by item, safely
+(`safeapply.py`): changed IPv4 settings that lose the broker are rolled back. The new
+version and its result are saved before the result is published, so a restart neither
+re-applies nor forgets a confirmation. A rolled-back version is not applied: a later version
+is, and the same version once more only after a restart (the retained config comes back on
+every reconnect, and retrying it each time would flap the device's network). An `info` goes
+out when the device's interfaces or addresses change.
 
 An agent that found the broker by the beacon follows the later beacons (`follow`): an IPv4
 change is verified against the gateway's addresses the newest beacon names, and when the
@@ -268,6 +270,9 @@ class Agent:
         if config.version == self._rolled_back_version:
             log.debug("config version %d ignored: it was rolled back", config.version)
             return
+        if config.epoch < self.state.state.config_epoch:
+            raise ContractError(f"config version {config.version} is from configurator epoch {config.epoch}, "
+                                f"older than epoch {self.state.state.config_epoch} of the config applied")
 
         def journal(snapshot: object) -> None:  # durable before anything changes
             self.state.update(applying={"config_id": envelope.id, "config": config.model_dump(mode="json"),
@@ -275,7 +280,7 @@ class Agent:
 
         results = apply_safely(self.executor, [item for item in config.items if item.target == Target.AGENT],
                                self.verify_endpoints, self.settings.apply_deadline, journal=journal)
-        result = self._save_result(envelope.id, config.version, results)
+        result = self._save_result(envelope.id, config, results)
         self._publish("config/result", "config.result", result, retain=True)
         log.info("config version %d: %s (%s)", config.version, result.status.value,
                  ", ".join(f"{r.item} {r.status.value}{': ' + r.detail if r.detail else ''}" for r in results)
@@ -283,16 +288,17 @@ class Agent:
         self.confirmed.set()
         self._send_info_if_changed()
 
-    def _save_result(self, config_id: str, version: int, results: list[ItemResult]) -> ConfigResult:
+    def _save_result(self, config_id: str, config: Config, results: list[ItemResult]) -> ConfigResult:
         """The result, saved with the applied version in one write that also drops the journal."""
-        result = ConfigResult(re=config_id, version=version, status=overall([r.status for r in results]),
+        result = ConfigResult(re=config_id, version=config.version, status=overall([r.status for r in results]),
                               items=results, in_force=self.executor.in_force())
         if result.status == ResultStatus.ROLLED_BACK:  # not applied: a corrected version must apply
-            self._rolled_back_version = version
+            self._rolled_back_version = config.version
             self.state.update(last_result=result.model_dump(mode="json"), applying=None)
         else:
-            self.state.update(applied_version=version, applied_config_id=config_id,
-                              last_result=result.model_dump(mode="json"), applying=None)
+            self.state.update(applied_version=config.version, applied_config_id=config_id,
+                              config_epoch=config.epoch, last_result=result.model_dump(mode="json"),
+                              applying=None)
         return result
 
     def _resume_apply(self) -> None:
@@ -315,7 +321,7 @@ class Agent:
                     "taken before", config.version)
         results = apply_safely(self.executor, [item for item in config.items if item.target == Target.AGENT],
                                self.verify_endpoints, self.settings.apply_deadline, resume_from=snapshot)
-        result = self._save_result(pending.get("config_id", ""), config.version, note_resumed(results, note))
+        result = self._save_result(pending.get("config_id", ""), config, note_resumed(results, note))
         log.warning("config version %d %s: %s", config.version,
                     "rolled back" if result.status == ResultStatus.ROLLED_BACK else "completed",
                     "; ".join(f"{r.item} {r.status.value}" for r in result.items) or "no agent items")

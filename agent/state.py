@@ -17,6 +17,9 @@ class AgentState(BaseModel):
     seq_reserved: int = 0
     applied_version: int = 0
     applied_config_id: str = ""
+    config_epoch: int = 0
+    """The epoch of the configurator that made the applied config: a config from an older
+    epoch comes from a configurator fenced since, and is refused."""
     username: str | None = None
     password: str | None = None
     """Broker account issued at enrollment (this file is owner-only)."""

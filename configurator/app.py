@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+import fcntl
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 from homenet.accounts import Accounts, AccountStore, ensure_account
@@ -58,18 +62,52 @@ def make_accounts(settings: ConfiguratorSettings) -> AccountStore | None:
     return Accounts(settings.accounts_file) if settings.accounts_file else None
 
 
-def build(settings: ConfiguratorSettings) -> Configurator:
+@dataclass(frozen=True)
+class Identity:
+    """What every configurator process on one data directory shares: the signing key (agents
+    pin it, so a standby with another key would be refused by every device), the broker
+    accounts it issues and its own login."""
+
+    key: KeyPair
+    accounts: AccountStore | None
+    login: tuple[str, str] | None
+
+
+@contextmanager
+def _locked(path: Path) -> Iterator[None]:
+    with open(path, "a") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        yield  # closing the file releases the lock
+
+
+def identity(settings: ConfiguratorSettings) -> Identity:
+    """Load the identity, making what is missing. Under a lock on the data directory: two
+    configurators starting at once on a fresh one must not each make a key or a password."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    with _locked(settings.data_dir / "setup.lock"):
+        key = KeyPair.load_or_create(settings.data_dir / KEY_NAME)
+        accounts = make_accounts(settings)
+        login = None
+        if accounts is not None:  # its own account, and the local operator's for the CLI
+            login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
+                                                    settings.data_dir / "configurator.secret"))
+            ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
+    return Identity(key, accounts, login)
+
+
+def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Configurator:
+    """A configurator, not started; it claims the next epoch, fencing every earlier one
+    (and raises `Fenced` if another claims a higher one while it is being made)."""
+    ident = ident or identity(settings)
     reporter = GatewayReporter()
-    accounts = make_accounts(settings)
-    login = None
-    if accounts is not None:  # its own account, and the local operator's for the CLI
-        login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
-                                                settings.data_dir / "configurator.secret"))
-        ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
     store = SqliteStore(db_path(settings.data_dir))
     lan = saved_plan(settings.lan, store.meta())  # a renumbered LAN stays renumbered across restarts
-    configurator = Configurator(settings, store, make_driver(settings, reporter, lan),
-                                KeyPair.load_or_create(settings.data_dir / KEY_NAME), accounts, login)
+    driver = make_driver(settings, reporter, lan)
+    try:
+        configurator = Configurator(settings, store, driver, ident.key, ident.accounts, ident.login)
+    except BaseException:
+        driver.close()
+        store.close()
+        raise
     reporter.connect(configurator.event, configurator.publish_gateway_state)
     return configurator

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import signal
+import threading
 from pathlib import Path
 from typing import Any
 
@@ -188,23 +189,27 @@ def configurator() -> None:
 @CONFIG
 @DATA_DIR
 @click.option("--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
+@click.option("--standby", is_flag=True, help="Start as a standby: give a primary standby_grace seconds to "
+              "appear before taking over (docs/reliability.md).")
 @VERBOSE
-def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, verbose: bool) -> None:
-    """Run the configurator until SIGINT/SIGTERM."""
+def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, standby: bool,
+                     verbose: bool) -> None:
+    """Run the configurator until SIGINT/SIGTERM; while another configurator on the same data
+    directory is online, stand by and take over when it goes offline."""
     from homenet.accounts import AccountError
 
-    from .app import build
+    from .standby import Standby
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "configurator.broker": broker})
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
     try:
-        service = build(settings.configurator)
+        Standby(settings.configurator, standby=standby).run(stop)
     except (OSError, AccountError) as exc:
         raise click.ClickException(f"configurator: {exc}") from None
-    service.start()
-    asyncio.run(_until_signal())
-    service.stop()
 
 
 @main.group()

@@ -8,8 +8,10 @@ gateway changes) is held back in an outbox. After the batch commits (one fsync f
 it) the outbox goes out, then the broker gets its PUBACKs (manual acks): no acknowledgement,
 at the MQTT level or ours, is ever ahead of the database. If the commit fails, nothing goes
 out, the store is as before, and the same batch is tried again with backoff; the broker
-keeps the unacknowledged messages meanwhile. A commit refused because another configurator
-claimed a higher epoch (`Fenced`) makes this one stand down without sending anything.
+keeps the unacknowledged messages meanwhile. A batch whose commit finds that another
+configurator claimed a higher epoch (`Fenced`; checked even when the batch wrote nothing)
+makes this one stand down without sending anything: it disconnects cleanly, so its will does
+not cover the new primary's `online`, and sets `fenced` (configurator/standby.py).
 The LAN watch's renumbering is queued onto the worker like a message.
 A message that fails validation is dropped with a log line and an `events` entry.
 """
@@ -118,8 +120,12 @@ class Configurator:
         self._inbox.put(_STOP)
         self._worker.join(timeout=30)
         if self.connected.is_set() and not self.fenced.is_set():
-            self.client.publish(self.topics.configurator_state, self._state_payload("offline"),
-                                qos=1, retain=True).wait_for_publish(timeout=5)
+            try:
+                self.store.check_fence()  # fenced, its `offline` would hide the new primary's `online`
+                self.client.publish(self.topics.configurator_state, self._state_payload("offline"),
+                                    qos=1, retain=True).wait_for_publish(timeout=5)
+            except Fenced as exc:
+                self._stand_down(str(exc))
         self.client.disconnect()
         self.client.loop_stop()
         self.lan_watch.stop()

@@ -10,7 +10,9 @@ on disk.
 
 Fencing: a configurator claims the next epoch with `claim_epoch()`; from then on every
 commit first checks, inside the write lock, that no other configurator has claimed a higher
-one since. A fenced commit raises `Fenced` and writes nothing.
+one since. A fenced commit raises `Fenced` and writes nothing. A transaction that wrote
+nothing still ends with the check (`check_fence()`): its caller sends what it decided on
+once the block ends, and a fenced configurator must send nothing.
 """
 
 from __future__ import annotations
@@ -19,6 +21,7 @@ import json
 import os
 import sqlite3
 import threading
+import time
 from collections.abc import Iterable, Iterator
 from contextlib import AbstractContextManager, contextmanager
 from pathlib import Path
@@ -55,6 +58,7 @@ class Store(Protocol):
     def set_meta_now(self, **values: Any) -> None: ...
     def transaction(self) -> AbstractContextManager[None]: ...
     def claim_epoch(self) -> int: ...
+    def check_fence(self) -> None: ...
 
 
 class SqliteStore:
@@ -91,17 +95,18 @@ class SqliteStore:
         uri = f"file:{self.path}?mode={'ro' if self.read_only else 'rw'}"
         try:
             db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)
-            app_id = db.execute("PRAGMA application_id").fetchone()[0]
+            # tables first: once another process's schema commit shows, so does its application_id
             tables = {r[0] for r in db.execute("SELECT name FROM sqlite_master WHERE type='table'")}
+            app_id = db.execute("PRAGMA application_id").fetchone()[0]
             if tables and app_id != APPLICATION_ID:
                 raise StoreError(f"{self.path} is not a homenet database: an SQLite file of another "
                                  f"program (application_id {app_id:#x})")
             if not self.read_only:
-                db.execute("PRAGMA journal_mode=WAL")
+                _to_wal(db)
                 db.execute("PRAGMA synchronous=FULL")
-                if not tables:
-                    db.executescript(_SCHEMA + f"PRAGMA application_id={APPLICATION_ID};"
-                                               f"PRAGMA user_version={SCHEMA_VERSION};")
+                if not tables:  # one transaction: a process opening it meanwhile sees all or nothing
+                    db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA application_id={APPLICATION_ID};"
+                                     f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             version = db.execute("PRAGMA user_version").fetchone()[0]
         except sqlite3.DatabaseError as exc:
             raise StoreError(f"{self.path} is not a homenet database: {exc}") from None
@@ -163,6 +168,8 @@ class SqliteStore:
                 yield
                 if self._depth == 1 and (self._undo or self._undo_meta):
                     self._write(self._undo, self._undo_meta)
+                elif self._depth == 1:
+                    self.check_fence()
             except BaseException:
                 if self._depth == 1:
                     self._rollback()
@@ -199,10 +206,23 @@ class SqliteStore:
         self._epoch = self._meta["epoch"] = epoch
         return epoch
 
+    def check_fence(self) -> None:
+        """Raise `Fenced` if another configurator has claimed a higher epoch than this one's."""
+        if self._epoch is None or self._db is None:
+            return
+        with self._lock:
+            try:
+                self._fence(self._db)
+            except sqlite3.Error as exc:
+                raise StoreError(f"cannot read {self.path}: {exc}") from exc
+
+    def _fence(self, db: sqlite3.Connection) -> None:
+        if self._epoch is not None and (on_disk := _db_epoch(db)) > self._epoch:
+            raise Fenced(f"epoch {on_disk} was claimed by another configurator; this one has {self._epoch}")
+
     def _write(self, devices: Iterable[str], meta_keys: Iterable[str]) -> None:
         with self._sql() as db:
-            if self._epoch is not None and (on_disk := _db_epoch(db)) > self._epoch:
-                raise Fenced(f"epoch {on_disk} was claimed by another configurator; this one has {self._epoch}")
+            self._fence(db)
             for device_id in devices:
                 record = self._records.get(device_id)
                 if record is None:
@@ -250,6 +270,20 @@ def _restore(mapping: dict[str, Any], key: str, before: Any) -> None:
         mapping.pop(key, None)
     else:
         mapping[key] = before
+
+
+def _to_wal(db: sqlite3.Connection, timeout: float = 10.0) -> None:
+    """Switch the database to WAL. The switch needs the file to itself, and SQLite answers
+    "locked" at once, without waiting, while another process is making the schema: retry."""
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            db.execute("PRAGMA journal_mode=WAL")
+            return
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc) or time.monotonic() > deadline:
+                raise
+            time.sleep(0.05)
 
 
 def _db_epoch(db: sqlite3.Connection) -> int:

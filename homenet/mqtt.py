@@ -17,6 +17,9 @@ import paho.mqtt.client as paho
 
 log = logging.getLogger(__name__)
 
+RECONNECT_MAX_DELAY = 30
+"""Seconds between reconnect attempts at most (the backoff starts at 1 s and doubles)."""
+
 
 @dataclass(frozen=True)
 class BrokerUrl:
@@ -70,7 +73,7 @@ def make_client(client_id: str, *, clean_session: bool = False,
     """
     client = paho.Client(paho.CallbackAPIVersion.VERSION2, client_id=client_id,
                          protocol=paho.MQTTv311, clean_session=clean_session, manual_ack=manual_ack)
-    client.reconnect_delay_set(min_delay=1, max_delay=30)
+    client.reconnect_delay_set(min_delay=1, max_delay=RECONNECT_MAX_DELAY)
     client.max_inflight_messages_set(100)
     client.max_queued_messages_set(0)
     if cafile is not None:

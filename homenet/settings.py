@@ -114,6 +114,10 @@ class ConfiguratorSettings(Section):
     enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
     """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
     wait for the code the device shows, entered with `homenet devices pair`."""
+    standby_grace: float = Field(default=5.0, ge=0)
+    """Seconds a `configurator run --standby`, or a configurator that another one fenced,
+    gives a primary to announce itself before taking over when none is online
+    (docs/reliability.md)."""
 
     @field_validator("dynsec_admin_password_file")
     @classmethod

@@ -16,6 +16,7 @@ import pytest
 from homenet.brokers import BrokerHandle, Embedded, Mosquitto
 
 from .harness import Gateway
+from .processes import Process
 
 IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 
@@ -74,3 +75,12 @@ def gateway(broker: BrokerHandle, tmp_path: Path) -> Iterator[Gateway]:
     gw.start()
     yield gw
     gw.close()
+
+
+@pytest.fixture
+def started() -> Iterator[list[Process]]:
+    """Processes a test started (`Process`): killed by PID when it ends, whatever happened."""
+    procs: list[Process] = []
+    yield procs
+    for p in procs:
+        p.kill()

@@ -17,6 +17,7 @@ from homenet.configurator.app import ADMIN, ADMIN_SECRET, build as build_configu
 from homenet.configurator.lifecycle import State
 from homenet.configurator.records import DeviceRecord
 from homenet.configurator.service import Configurator
+from homenet.configurator.store import SqliteStore
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import Topics
 from homenet.settings import AgentSettings, ConfiguratorSettings, LanSettings
@@ -75,6 +76,33 @@ class Watcher:
     def close(self) -> None:
         self.client.disconnect()
         self.client.loop_stop()
+
+
+def retained(url: str, wanted: int, timeout: float = 20.0,
+             login: tuple[str, str] | None = None) -> dict[str, bytes]:
+    """The retained messages a newcomer gets from the broker (topic -> payload), once there are
+    `wanted` of them. A fresh subscriber each time: to one already subscribed, a message
+    published later arrives live, without the retain flag."""
+    deadline = time.monotonic() + timeout
+    while True:
+        watcher = Watcher(url, Topics(), login)
+        time.sleep(0.5)
+        with watcher._lock:
+            found = {t: p for t, p, r in watcher.messages if r and p}
+        watcher.close()
+        if len(found) >= wanted:
+            return found
+        if time.monotonic() > deadline:
+            raise AssertionError(f"{wanted} retained messages wanted, got {sorted(found)}")
+
+
+def load_records(data_dir: Path) -> dict[str, DeviceRecord]:
+    """The configurator's database as a fresh reader sees it (it must always load)."""
+    store = SqliteStore(db_path(data_dir), read_only=True)
+    try:
+        return {r.device_id: r for r in store.all()}
+    finally:
+        store.close()
 
 
 class Gateway:

@@ -15,70 +15,28 @@ import os
 import random
 import signal
 import socket
-import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
 
 from homenet.brokers import BrokerHandle, Embedded, Mosquitto
-from homenet.configurator.app import db_path
 from homenet.configurator.lifecycle import State
-from homenet.configurator.store import SqliteStore
+from homenet.configurator.standby import SETTLE
 from homenet.netutil import free_port
 from homenet.schemas import Topics
 
 from .conftest import require_program
-from .harness import Gateway, Watcher, wait_until
+from .harness import Gateway, Watcher, load_records, retained, wait_until
+from .processes import Process
 
 LONG = os.environ.get("HOMENET_LONG", "").lower() in ("1", "true", "yes")
 BIN = Path(sys.executable).parent
 HOMENET, AGENT = str(BIN / "homenet"), str(BIN / "homenet-agent")
 TOPICS = Topics()
-
-
-class Process:
-    """One program started by a test, its output in a file; killed by its PID at the end."""
-
-    def __init__(self, log: Path, *args: str) -> None:
-        self.log = log
-        with open(log, "ab") as out:
-            self.proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT)
-
-    def kill(self) -> None:
-        """SIGKILL: no handler runs, nothing is flushed or said goodbye to."""
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGKILL)
-        self.proc.wait(timeout=10)
-
-    def terminate(self) -> int:
-        if self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGTERM)
-        return self.proc.wait(timeout=20)
-
-    def output(self) -> str:
-        return self.log.read_text(errors="replace")
-
-
-@pytest.fixture
-def started() -> Iterator[list[Process]]:
-    procs: list[Process] = []
-    yield procs
-    for p in procs:
-        p.kill()
-
-
-def load_records(data_dir: Path) -> dict[str, Any]:
-    """The configurator's database as a fresh reader sees it (it must always load)."""
-    store = SqliteStore(db_path(data_dir), read_only=True)
-    try:
-        return {r.device_id: r for r in store.all()}
-    finally:
-        store.close()
 
 
 def accepted_replies(watcher: Watcher) -> set[str]:
@@ -142,8 +100,9 @@ def test_configurator_killed_at_random_moments_while_agents_register(broker_name
             for device_id in batch:
                 gw.agent(rng.choice(DEVICE_TYPES), device_id)
                 time.sleep(rng.uniform(0, 0.05))
-            # it is online about 0.3 s after it starts, then answers the registrations at once
-            pause = rng.uniform(0.25, 0.8) if rng.random() < 0.6 else rng.uniform(0.05, 2.0)
+            # it listens SETTLE s for another configurator, is online about 0.3 s later, then answers
+            # the registrations at once
+            pause = SETTLE + (rng.uniform(0.25, 0.8) if rng.random() < 0.6 else rng.uniform(0.05, 2.0))
             time.sleep(pause)
             proc.kill()
             time.sleep(0.2)  # what the broker had already taken reaches the watcher
@@ -184,23 +143,6 @@ def test_configurator_killed_at_random_moments_while_agents_register(broker_name
 
 
 # --- 2. the broker restarts: everything reconnects and the retained state is back ------------
-
-def retained(url: str, wanted: int, timeout: float = 20.0) -> dict[str, bytes]:
-    """The retained messages a newcomer gets from the broker (topic -> payload), once there are
-    `wanted` of them. A fresh subscriber each time: to one already subscribed, a message
-    published later arrives live, without the retain flag."""
-    deadline = time.monotonic() + timeout
-    while True:
-        watcher = Watcher(url, TOPICS)
-        time.sleep(0.5)
-        with watcher._lock:
-            found = {t: p for t, p, r in watcher.messages if r and p}
-        watcher.close()
-        if len(found) >= wanted:
-            return found
-        if time.monotonic() > deadline:
-            raise AssertionError(f"{wanted} retained messages wanted, got {sorted(found)}")
-
 
 @pytest.mark.parametrize("broker_name", ["amqtt", "mosquitto"])
 def test_broker_restart_everything_reconnects_and_retained_state_is_back(broker_name: str, tmp_path: Path) -> None:

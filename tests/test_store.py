@@ -3,6 +3,7 @@ the persisted message counter (homenet/sequence.py)."""
 
 from __future__ import annotations
 
+import multiprocessing
 import os
 import sqlite3
 import subprocess
@@ -240,6 +241,21 @@ def test_a_killed_writer_leaves_the_last_commit(db_path):
     done = subprocess.run([sys.executable, "-c", script], cwd=Path(__file__).parent.parent)
     assert done.returncode == -9
     assert [r.device_id for r in reopened(db_path)[0]] == ["stb-1"]
+
+
+def _open_and_close(path: str) -> str:
+    try:
+        SqliteStore(path).close()
+        return "opened"
+    except StoreError as exc:
+        return str(exc)
+
+
+def test_processes_creating_the_database_at_once_all_open_it(tmp_path):
+    """Configurators starting together on a fresh data directory (docs/reliability.md)."""
+    with multiprocessing.get_context("fork").Pool(4) as pool:
+        for n in range(50):
+            assert pool.map(_open_and_close, [str(tmp_path / f"homenet-{n}.db")] * 4) == ["opened"] * 4
 
 
 @pytest.mark.parametrize("content", [b"{half a datab", b"not json at all", b"\x80\x81\xfe binary",

@@ -1,0 +1,180 @@
+"""Standby: a configurator process waits while another one is online, and takes over.
+
+Theory of operation. Configurator processes sharing one data directory (docs/reliability.md)
+take turns: one primary, the others standing by. A waiting process never connects with the
+primary's client id (`homenet-{configurator_id}`, a persistent session: connecting with it
+would throw the primary off). It watches the retained `configurator/state` with a client of
+its own (clean session, the same broker account) and believes only states signed by the
+shared configurator key. `Watch` decides from what it heard since it (re)subscribed:
+
+  heard                          the waiting process
+  `online` (any epoch)           keeps waiting
+  `offline` after an `online`    takes over at once (the primary stopped, or died: its will)
+  `offline`, or nothing          takes over once `patience` has run out
+
+`patience` is about a second (time for the retained message to arrive) for a plain start, and
+`standby_grace` for `--standby` and after being fenced, so that a primary starting or
+reconnecting has time to announce itself. After the watcher itself reconnected it is at least
+the longest reconnect backoff: a restarted broker may have lost the retained state (amqtt
+keeps none), and a live primary may need that long to come back and say `online` again.
+
+Taking over is building a Configurator (it claims the next epoch, fencing every older one)
+and starting it. When a newer primary fences it in turn, it has already stopped sending; it is
+stopped and the process goes back to waiting.
+"""
+
+from __future__ import annotations
+
+import logging
+import secrets
+import threading
+import time
+from dataclasses import dataclass
+from typing import Any
+
+import paho.mqtt.client as paho
+
+from homenet.mqtt import RECONNECT_MAX_DELAY, BrokerUrl, make_client, set_nodelay
+from homenet.schemas import ContractError, Topics, decode, signed_by
+from homenet.schemas.signing import fingerprint
+from homenet.settings import ConfiguratorSettings
+
+from .app import build, identity
+from .service import Configurator
+from .store import Fenced
+
+log = logging.getLogger(__name__)
+
+SETTLE = 1.0
+"""Seconds a configurator starting listens for the retained state before it concludes that no
+other configurator is online."""
+POLL = 0.1
+
+
+@dataclass
+class Watch:
+    """What a waiting configurator heard, and whether it is time to take over (pure)."""
+
+    patience: float
+    since: float | None = None
+    """When the watcher last (re)connected or heard a state; None before it first connected."""
+    reconnected: bool = False
+    state: str | None = None
+    """`online` or `offline` as last heard since it (re)connected; None: nothing, or cleared."""
+    epoch: int = 0
+    seen_online: bool = False
+    primary_left: bool = False
+    """An `offline` came after an `online`: the primary stopped or died."""
+
+    def connected(self, now: float) -> None:
+        """What was heard before may be stale: the broker may have restarted without it."""
+        self.reconnected = self.since is not None
+        self.since, self.state = now, None
+
+    def heard(self, state: str | None, epoch: int, now: float) -> None:
+        self.since, self.state, self.epoch = now, state, epoch
+        self.seen_online = self.seen_online or state == "online"
+        self.primary_left = self.primary_left or (state == "offline" and self.seen_online)
+
+    def take_over(self, now: float) -> bool:
+        if self.since is None or self.state == "online":
+            return False
+        patience = max(self.patience, RECONNECT_MAX_DELAY) if self.reconnected else self.patience
+        return self.primary_left or now - self.since >= patience
+
+
+class Standby:
+    """One configurator process's turns: standing by while another is online, primary otherwise."""
+
+    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False) -> None:
+        """`standby`: at start, give a primary `standby_grace` seconds to appear, not `SETTLE`."""
+        self.settings = settings
+        self.ident = identity(settings)
+        self.topic = Topics(settings.root).configurator_state
+        self.broker = BrokerUrl.parse(settings.broker)
+        self.patience = settings.standby_grace if standby else SETTLE
+        self.primary: Configurator | None = None
+        """The configurator this process runs while it is the primary."""
+
+    def run(self, stop: threading.Event) -> None:
+        """Take turns until `stop` is set."""
+        while self._wait(stop) and not self._serve(stop):
+            self.patience = self.settings.standby_grace
+
+    def _serve(self, stop: threading.Event) -> bool:
+        """Be the primary until `stop` is set (True) or a newer configurator fences this one (False)."""
+        try:
+            service = build(self.settings, self.ident)
+        except Fenced as exc:  # another one claimed an epoch while this one was starting
+            log.warning("%s: standing by", exc)
+            return False
+        self.primary = service
+        service.start()
+        while not (stop.wait(POLL) or service.fenced.is_set()):
+            pass
+        self.primary = None
+        service.stop()
+        service.store.close()
+        if service.fenced.is_set():
+            log.warning("configurator epoch %d was fenced by a newer one: standing by", service.epoch)
+            return False
+        return True
+
+    def _wait(self, stop: threading.Event) -> bool:
+        """Block until this process should take over (True) or `stop` is set (False)."""
+        watch = Watch(self.patience)
+        lock = threading.Lock()
+        login = self.ident.login
+        client = make_client(f"homenet-{self.settings.configurator_id}-standby-{secrets.token_hex(4)}",
+                             clean_session=True, username=login[0] if login else None,
+                             password=login[1] if login else None,
+                             cafile=self.settings.broker_cafile if self.broker.tls else None)
+
+        def on_connect(c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
+            if reason.is_failure:
+                log.error("broker %s refused the standby watcher: %s", self.broker, reason)
+                return
+            set_nodelay(c)
+            with lock:
+                watch.connected(time.monotonic())
+            c.subscribe(self.topic, qos=1)
+
+        def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+            heard = self._read(msg.payload)
+            if heard is None:
+                return
+            with lock:
+                if heard[0] == "online" and (watch.state, watch.epoch) != heard:
+                    log.info("configurator epoch %d is online at %s: standing by", heard[1], self.broker)
+                watch.heard(*heard, time.monotonic())
+
+        client.on_connect, client.on_message = on_connect, on_message
+        client.connect_async(self.broker.host, self.broker.port, keepalive=30)
+        client.loop_start()
+        try:
+            while not stop.wait(POLL):
+                with lock:
+                    if watch.take_over(time.monotonic()):
+                        log.info("%s: taking over", f"configurator epoch {watch.epoch} went offline"
+                                 if watch.primary_left else "no configurator is online")
+                        return True
+            return False
+        finally:
+            client.disconnect()
+            client.loop_stop()
+
+    def _read(self, payload: bytes) -> tuple[str | None, int] | None:
+        """(state, epoch) of a retained state; (None, 0) when it was cleared; None when it is
+        not to be believed (malformed, or not signed by this configurator's key)."""
+        if not payload:
+            return None, 0
+        try:
+            envelope, body = decode(payload, expected_kind="configurator.state")
+        except ContractError as exc:
+            log.warning("ignored a malformed configurator/state: %s", exc)
+            return None
+        if not signed_by(envelope, self.ident.key.public):
+            log.warning("ignored configurator/state from %r: not signed by this configurator's key %s",
+                        envelope.sender, fingerprint(self.ident.key.public))
+            return None
+        return body.state, body.epoch
