@@ -111,6 +111,11 @@ class ConfiguratorSettings(Section):
     enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
     """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
     wait for the code the device shows, entered with `homenet devices pair`."""
+    drift: Literal["correct", "report"] = "correct"
+    """What reconciliation does when a device or the gateway no longer has what its config
+    says (docs/reliability.md): correct it and report it, or only report it (`events`)."""
+    reconcile_interval: float = Field(default=60.0, gt=0)
+    """Seconds between reconciliations of every device (also run on every connect to the broker)."""
 
     @field_validator("dynsec_admin_password_file")
     @classmethod
