@@ -46,6 +46,11 @@ class GatewayDriver(Protocol):
     def state(self) -> GatewayState:
         """What this driver has set, for `gateway/state`."""
 
+    def actual(self) -> GatewayState | None:
+        """What is really in place now, read back from the gateway (someone may have changed it
+        behind the driver's back), for reconciliation; None when this driver cannot list it, or
+        could not this time (then gateway drift is not checked)."""
+
     def close(self) -> None:
         """Stop what the driver runs (threads, child processes); what it set stays in place."""
 
@@ -136,6 +141,10 @@ class MemoryGatewayDriver:
 
     def state(self) -> GatewayState:
         return gateway_state(self.name, self._lan, self._wants.values())
+
+    def actual(self) -> GatewayState:
+        """The record is all there is."""
+        return self.state()
 
     def close(self) -> None:
         """Nothing runs."""

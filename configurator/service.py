@@ -14,6 +14,9 @@ makes this one stand down without sending anything: it disconnects cleanly, so i
 not cover the new primary's `online`, and sets `fenced` (configurator/standby.py).
 The LAN watch's renumbering is queued onto the worker like a message.
 A message that fails validation is dropped with a log line and an `events` entry.
+Reconciliation (`reconcile.py`) runs every `reconcile_interval` seconds, after every connect,
+and for one device on its `info` and `config.result`: it compares committed state only, after
+the batch's commit, and a correction that writes queues a task of its own.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ import queue
 import threading
 import time
 from collections.abc import Callable
+from functools import partial
 from contextlib import AbstractContextManager, nullcontext
 from typing import Any
 
@@ -49,6 +53,7 @@ from .ipam import LanPlan
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
+from .reconcile import Check, DriftTracker, Side, device_drift, gateway_drift
 from .records import DeviceRecord, now
 from .renumber import lan_plan, left_the_lan, saved, saved_plan
 from .store import Fenced, Store, StoreError
@@ -90,6 +95,9 @@ class Configurator:
         self._replanned = False
         self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
         self._worker = threading.Thread(target=self._work, name="configurator", daemon=True)
+        self._drift = DriftTracker(settings.drift == "correct", settings.reconcile_interval)
+        self._halt = threading.Event()
+        self._ticker = threading.Thread(target=self._tick, name="reconcile", daemon=True)
         self._outbox = threading.local()
         self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
@@ -111,12 +119,14 @@ class Configurator:
 
     def start(self) -> None:
         self._worker.start()
+        self._ticker.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
 
     def stop(self) -> None:
         """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
         self._stopping = True
+        self._halt.set()
         self._inbox.put(_STOP)
         self._worker.join(timeout=30)
         if self.connected.is_set() and not self.fenced.is_set():
@@ -160,6 +170,7 @@ class Configurator:
             self._replanned = True
             self._replan_all()
             self._later(self.lan_watch.start)
+        self._reconcile_all()
         self._later(log.info, "configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self._later(self.connected.set)
 
@@ -559,6 +570,7 @@ class Configurator:
                               f"checking the gateway's LAN")
             self.lan_watch.poke()
         self._after_commit(record, planned)
+        self._later(self._reconcile, [record], gateway=False)
 
     def _on_result(self, _topic: str, envelope: Envelope, result: ConfigResult, record: DeviceRecord | None) -> None:
         if record is None or record.config is None:
@@ -580,6 +592,7 @@ class Configurator:
                       if r.status not in (ItemStatus.APPLIED, ItemStatus.UNCHANGED)}
             self.event("config.failed", Severity.ERROR, device_id=record.device_id,
                        reason=f"{result.status.value}: {failed}", version=result.version)
+        self._later(self._reconcile, [record], gateway=False)
 
     # --- evaluation ----------------------------------------------------------------------
 
@@ -624,8 +637,9 @@ class Configurator:
     def _view(self, device_id: str) -> NetworkView:
         return self.holdings.view(self.driver.lan(), device_id, self.driver.name)
 
-    def _plan(self, record: DeviceRecord) -> tuple[DeviceRecord, bool]:
-        """Evaluate the device; return the updated record and whether a new config version was made."""
+    def _plan(self, record: DeviceRecord, again: bool = False) -> tuple[DeviceRecord, bool]:
+        """Evaluate the device; return the updated record and whether a new config version was made
+        (`again`: even when nothing changed, so that the agent applies it once more)."""
         previous = record.config.items if record.config else []
         try:
             plan = evaluate(record.info, self._view(record.device_id), previous)
@@ -633,7 +647,7 @@ class Configurator:
             self.event("device.unplanned", Severity.ERROR, device_id=record.device_id, reason=str(exc))
             return record.model_copy(update={"state": advance(record.state, Event.PLAN_FAILED),
                                              "error": str(exc)}), False
-        if record.config and plan.items == record.config.items and record.state != State.UNPLANNED:
+        if record.config and plan.items == record.config.items and record.state != State.UNPLANNED and not again:
             return record, False
         # Above what the device reports applied too: after `forget` the record starts afresh,
         # and an agent ignores any version at or below the one it applied.
@@ -661,3 +675,55 @@ class Configurator:
         for refused in (r for r in results if r.status == ItemStatus.UNSUPPORTED):  # e.g. a third-party router
             self.event("gateway.unsupported", device_id=record.device_id, reason=f"{refused.item}: {refused.detail}")
         self.publish_gateway_state()
+
+    # --- reconciliation (reconcile.py) ------------------------------------------------------
+
+    def _tick(self) -> None:
+        while not self._halt.wait(self.settings.reconcile_interval):
+            if self.connected.is_set():
+                self._inbox.put(self._reconcile_all)
+
+    def _reconcile_all(self) -> None:
+        """Every device, once this batch commits. The records are those at this point of the batch,
+        as is the gateway then: the batch's gateway changes run in order after the commit."""
+        records = self.store.all()
+        self._later(self._drift.retain, [r.device_id for r in records])
+        self._later(self._reconcile, records, gateway=True)
+
+    def _reconcile(self, records: list[DeviceRecord], gateway: bool) -> None:
+        """Each device's own reports, and with `gateway` the driver's listing. The driver is given
+        nothing for a device without a config, so there is nothing to compare."""
+        try:
+            actual = self.driver.actual() if gateway else None
+            for record in records:
+                self._settle(record, device_drift(record))
+                if actual is not None and record.config:
+                    self._settle(record, gateway_drift(record, actual))
+        except Exception:  # after the commit: a bug must not stop the worker
+            log.exception("internal error in reconciliation")
+
+    def _settle(self, record: DeviceRecord, check: Check) -> None:
+        """Report what changed; correct the gateway at once, a device by a task (it writes a version)."""
+        step = self._drift.observe(record.device_id, check, time.monotonic())
+        for f in step.detected:
+            self.event("drift.detected", Severity.WARNING, device_id=record.device_id,
+                       reason=f"{f.drift.value} {f.item}: desired {f.desired}, actual {f.actual}",
+                       what=f.drift.value, item=f.item, desired=f.desired, actual=f.actual, attempt=step.attempt)
+        for f in step.corrected:
+            self.event("drift.corrected", device_id=record.device_id,
+                       reason=f"{f.drift.value} {f.item}: as desired again ({f.desired})",
+                       what=f.drift.value, item=f.item, desired=f.desired, was=f.actual, attempt=step.attempt)
+        if step.correct and check.side == Side.GATEWAY:
+            self._apply_on_gateway(record)
+        elif step.correct:
+            self._inbox.put(partial(self._resend, record.device_id, record.version))
+
+    def _resend(self, device_id: str, version: int) -> None:
+        """Device drift, corrected: the config again as a new version, unless it changed meanwhile."""
+        record = self.store.get(device_id)
+        if (record is None or record.version != version
+                or not any(f.correctable for f in device_drift(record).findings)):
+            return
+        record, planned = self._plan(record, again=True)
+        self._put(record)
+        self._after_commit(record, planned)

@@ -84,12 +84,13 @@ class SqliteStore:
         if read_only and not self.path.exists():
             return  # nothing stored yet; and a reader must not create the file
         self._db = self._open()
-        if self._has_tables():  # a reader may come before the writer made them
+        if self._db is not None:
             self._load()
 
     # --- opening -------------------------------------------------------------------------
 
-    def _open(self) -> sqlite3.Connection:
+    def _open(self) -> sqlite3.Connection | None:
+        """None for a reader of a file whose schema is not made yet: nothing is stored."""
         if not self.read_only and not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM files inherit the mode
         uri = f"file:{self.path}?mode={'ro' if self.read_only else 'rw'}"
@@ -101,10 +102,13 @@ class SqliteStore:
             if tables and app_id != APPLICATION_ID:
                 raise StoreError(f"{self.path} is not a homenet database: an SQLite file of another "
                                  f"program (application_id {app_id:#x})")
+            if self.read_only and not tables:  # the configurator is creating it
+                db.close()
+                return None
             if not self.read_only:
                 _to_wal(db)
                 db.execute("PRAGMA synchronous=FULL")
-                if not tables:  # one transaction: a process opening it meanwhile sees all or nothing
+                if not tables:  # in one transaction: a reader never sees tables without the id
                     db.executescript("BEGIN IMMEDIATE;" + _SCHEMA + f"PRAGMA application_id={APPLICATION_ID};"
                                      f"PRAGMA user_version={SCHEMA_VERSION}; COMMIT;")
             version = db.execute("PRAGMA user_version").fetchone()[0]

@@ -118,6 +118,11 @@ class ConfiguratorSettings(Section):
     """Seconds a `configurator run --standby`, or a configurator that another one fenced,
     gives a primary to announce itself before taking over when none is online
     (docs/reliability.md)."""
+    drift: Literal["correct", "report"] = "correct"
+    """What reconciliation does when a device or the gateway no longer has what its config
+    says (docs/reliability.md): correct it and report it, or only report it (`events`)."""
+    reconcile_interval: float = Field(default=60.0, gt=0)
+    """Seconds between reconciliations of every device (also run on every connect to the broker)."""
 
     @field_validator("dynsec_admin_password_file")
     @classmethod

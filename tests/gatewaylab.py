@@ -134,8 +134,9 @@ def add_wan(lab: Lab, gw: Namespace) -> Namespace:
     return wan
 
 
-def start_linux_home(lab: Lab, tmp: Path, retry_max: float = 60) -> GatewayHome:
-    """The namespaces, the gateway's own rules and the settings; dnsmasq and homenet are started by the test."""
+def start_linux_home(lab: Lab, tmp: Path, retry_max: float = 60, **configurator: Any) -> GatewayHome:
+    """The namespaces, the gateway's own rules and the settings; dnsmasq and homenet are started by the test.
+    `configurator`: more settings of the `[configurator]` section (e.g. `reconcile_interval=1`)."""
     for program in ("nft", "tc"):
         require_program(program, f"/usr/sbin/{program}")
     gw = lab.namespace("gw")
@@ -144,10 +145,12 @@ def start_linux_home(lab: Lab, tmp: Path, retry_max: float = 60) -> GatewayHome:
     wan = add_wan(lab, gw)
     gw.run("nft", "-f", "-", input=FOREIGN_RULES)
     home = GatewayHome(lab, gw, tmp, wan=wan)
+    more = ("\n" + " " * 8).join(f"{key} = {json.dumps(value)}" for key, value in configurator.items())
     home.conf.write_text(textwrap.dedent(f"""\
         [configurator]
         gateway_driver = "linux"
         data_dir = "{tmp / 'gw'}"
+        {more}
 
         [configurator.lan]
         subnet = "192.168.50.0/24"

@@ -110,16 +110,17 @@ class Gateway:
 
     def __init__(self, broker: BrokerHandle, tmp: Path, lan: LanSettings | None = None,
                  accounts_file: Path | None = None, enrollment: str = "auto",
-                 dynsec_admin: tuple[str, str] | None = None) -> None:
+                 dynsec_admin: tuple[str, str] | None = None, **settings: Any) -> None:
         """With `accounts_file` (the one the broker reads), or with Mosquitto's `dynsec_admin`
         login, the configurator issues accounts and the watcher logs in as the gateway's local
-        operator."""
+        operator. `settings`: more ConfiguratorSettings (e.g. `reconcile_interval`)."""
         self.broker = broker
         self.tmp = tmp
         self.lan = lan or LanSettings()
         self.accounts_file = accounts_file
         self.dynsec_admin = dynsec_admin
         self.enrollment = enrollment
+        self.settings = settings
         self.topics = Topics()
         self.configurator: Configurator | None = None
         self.agents: list[Agent] = []
@@ -144,7 +145,7 @@ class Gateway:
             dynsec = {"dynsec_admin": self.dynsec_admin[0], "dynsec_admin_password_file": secret}
         self.configurator = build_configurator(ConfiguratorSettings(
             broker=self.broker.url, data_dir=self.data_dir, lan=self.lan, accounts_file=self.accounts_file,
-            enrollment=self.enrollment, broker_cafile=self.broker.cafile, **dynsec))
+            enrollment=self.enrollment, broker_cafile=self.broker.cafile, **dynsec, **self.settings))
         if self.watcher is None:
             self.watcher = Watcher(self.broker.url, self.topics, self.admin, self.broker.cafile)
         self.configurator.start()

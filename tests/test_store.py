@@ -157,6 +157,13 @@ def test_opening_a_missing_database_read_only_does_not_create_it(db_path):
     assert not db_path.exists()
 
 
+def test_a_reader_of_a_database_being_created_sees_nothing_stored(db_path):
+    """The configurator creates the file first, then the schema (with the application id, in
+    one transaction): a reader in between finds an empty file, not a foreign database."""
+    db_path.touch()
+    assert SqliteStore(db_path, read_only=True).all() == []
+
+
 # --- group commits -------------------------------------------------------------------------
 
 def test_changes_inside_a_transaction_are_visible_at_once_and_on_disk_at_its_end(store, db_path):

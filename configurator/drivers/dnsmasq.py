@@ -10,6 +10,7 @@ from __future__ import annotations
 import os
 import signal
 from collections.abc import Iterable
+from ipaddress import IPv4Address
 from pathlib import Path
 
 from homenet.durable import write_atomic
@@ -24,6 +25,18 @@ def render_hosts(reservations: Iterable[Reservation]) -> str:
     """`MAC,ADDRESS` per reserved device, ordered by address; devices without a MAC cannot be reserved."""
     lines = [f"{r.mac},{r.address}\n" for r in sorted(reservations, key=lambda r: r.address) if r.mac]
     return HEADER + "".join(lines)
+
+
+def parse_hosts(text: str) -> list[tuple[str, IPv4Address]]:
+    """(MAC, address) of every `MAC,ADDRESS` line, as `render_hosts` writes them; others skipped."""
+    found = []
+    for line in text.splitlines():
+        mac, _, address = line.strip().partition(",")
+        try:
+            found.append((mac, IPv4Address(address)))
+        except ValueError:  # the header, a comment, a line of another shape
+            continue
+    return found
 
 
 def running_pid(pidfile: Path) -> int:
@@ -54,15 +67,26 @@ class Dnsmasq:
         reservation is reported failed until a running dnsmasq has it.
         """
         try:
-            if not self.hostsfile.exists() or self.hostsfile.read_text() != content:
+            rewritten = not self.hostsfile.exists() or self.hostsfile.read_text() != content
+            if rewritten:  # a new reservation, or the file was changed behind homenet's back
                 write_atomic(self.hostsfile, content.encode(), 0o644)
         except OSError as exc:
             raise GatewayError(f"cannot write {self.hostsfile}: {exc.strerror}") from None
         pid = running_pid(self.pidfile)
-        if self._loaded == (pid, content):
+        if self._loaded == (pid, content) and not rewritten:
             return
         try:
             os.kill(pid, signal.SIGHUP)
         except OSError as exc:
             raise GatewayError(f"cannot signal dnsmasq (pid {pid}): {exc.strerror}") from None
         self._loaded = (pid, content)
+
+    def in_force(self) -> list[tuple[str, IPv4Address]]:
+        """(MAC, address) of the reservations in the file a running dnsmasq reads; none while it is down."""
+        try:
+            running_pid(self.pidfile)
+            return parse_hosts(self.hostsfile.read_text())
+        except (GatewayError, FileNotFoundError):
+            return []
+        except OSError as exc:
+            raise GatewayError(f"cannot read {self.hostsfile}: {exc.strerror}") from None

@@ -10,7 +10,9 @@ part is retried on that thread with backoff (1 s, doubling, up to `retry_max`), 
 retries achieve is reported through the GatewayReporter. `state()` lists, per part, what was
 last put in force, not what is merely wanted. `observe` reads the LAN interface's addresses,
 so the configurator notices a renumbered LAN (docs/renumbering.md); `set_lan` restarts
-igmpproxy, which takes the interfaces' addresses only when it starts.
+igmpproxy, which takes the interfaces' addresses only when it starts; `actual()` reads back what is in force now
+(homenet's nftables table, the htb classes, the hosts file of a running dnsmasq, igmpproxy's
+process), whoever changed it since, for reconciliation.
 """
 
 from __future__ import annotations
@@ -25,7 +27,7 @@ from dataclasses import dataclass, field
 from ipaddress import IPv4Interface
 
 from homenet.netutil import ipv4_addresses
-from homenet.schemas.messages import Config, GatewayState, ItemResult, ItemStatus, Severity
+from homenet.schemas.messages import Config, GatewayState, ItemResult, ItemStatus, Reservation, Severity
 from homenet.settings import GatewayDriverSettings
 
 from ..gateway import DeviceWants, GatewayReporter, gateway_state, wants_of
@@ -97,6 +99,26 @@ class LinuxGatewayDriver:
                             reservations=done["dnsmasq"].reservations,
                             port_mappings=done["nftables"].port_mappings, qos=done["nftables"].qos,
                             igmp_proxy=done["igmpproxy"].igmp_proxy, igmp_devices=done["igmpproxy"].igmp_devices)
+
+    def actual(self) -> GatewayState | None:
+        """Read back from the gateway; reservations are told apart by MAC (the hosts file names
+        no device). None, with a log line, when something cannot be read."""
+        wan = self.settings.wan_interface
+        try:
+            mappings, qos = nftables.listed(wan)
+            if qos:  # a mark selects a class that must exist
+                classes = htb.classes(wan)
+                qos = [q for q in qos if htb.classid(q.qos_class) in classes]
+            hosts = self._dnsmasq.in_force()
+        except GatewayError as exc:
+            log.warning("cannot read back what is in force on the gateway: %s", exc)
+            return None
+        owners = {w.reservation.mac: w.device_id for w in self._wants.values() if w.reservation and w.reservation.mac}
+        igmp = self._proxy.running()
+        return GatewayState(driver=self.name, lan=str(self._lan.subnet), port_mappings=mappings, qos=qos,
+                            reservations=[Reservation(device_id=owners[mac], mac=mac, address=address)
+                                          for mac, address in hosts if mac in owners],
+                            igmp_proxy=igmp, igmp_devices=sorted(d for d, w in self._wants.items() if w.igmp and igmp))
 
     def close(self) -> None:
         """Stop the worker and igmpproxy; rules and reservations stay (the gateway keeps working)."""

@@ -52,5 +52,10 @@ class UpnpGatewayDriver:
                             port_mappings=sorted((m for ms in self._delegated.values() for m in ms),
                                                  key=lambda m: (m.protocol, m.external_port)))
 
+    def actual(self) -> None:
+        """IGD lists only port mappings, and those belong to the agents that keep them (their
+        `config.result` says whether they are in force): nothing here to check."""
+        return None
+
     def close(self) -> None:
         """Nothing runs here: the agents keep their own leases."""
