@@ -60,6 +60,8 @@ class Holdings:
         self._ports: defaultdict[PortKey, set[str]] = defaultdict(set)
         self._held: dict[str, tuple[set[IPv4Address], set[PortKey]]] = {}
         self._floor: IPv4Address | None = None
+        self._lan: LanPlan | None = None
+        """The LAN the floor was last found in."""
         for record in records:
             self.update(record)
 
@@ -74,7 +76,7 @@ class Holdings:
         old_addresses, old_ports = self._held.pop(device_id, (set(), set()))
         for address in old_addresses - addresses:
             _discard(self._addresses, address, device_id)
-            if self._floor is not None and address < self._floor:
+            if self._floor is not None and address < self._floor and (self._lan is None or address in self._lan.subnet):
                 self._floor = address  # freed below the floor: the search must start lower
         for port in old_ports - ports:
             _discard(self._ports, port, device_id)
@@ -92,6 +94,7 @@ class Holdings:
 
     def _lowest_unheld(self, lan: LanPlan) -> IPv4Address | None:
         """Moves up as addresses are taken and down as they are freed: O(1) per new device."""
+        self._lan = lan
         start = self._floor if self._floor is not None and self._floor in lan.subnet else None
         self._floor = next((a for a in lan.static_addresses(start) if a not in self._addresses), None)
         return self._floor

@@ -23,6 +23,7 @@ agent ignores versions it applied, and applies a new one with safe-apply).
 
 from __future__ import annotations
 
+from collections import defaultdict
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -163,14 +164,35 @@ def _ipv4_interfaces(cidrs: Iterable[str]) -> list[IPv4Interface]:
     return found
 
 
-def gateway_drift(record: DeviceRecord, actual: GatewayState) -> Check:
+class GatewayListing:
+    """The driver's listing grouped by device, once: checking every device against the whole
+    listing would cost N² for N devices at each reconciliation."""
+
+    def __init__(self, actual: GatewayState) -> None:
+        self._reservations: defaultdict[str, list[Reservation]] = defaultdict(list)
+        self._mappings: defaultdict[str, list[PortMapping]] = defaultdict(list)
+        self._qos: defaultdict[str, list[QosRule]] = defaultdict(list)
+        for r in actual.reservations:
+            self._reservations[r.device_id].append(r)
+        for m in actual.port_mappings:
+            self._mappings[m.device_id].append(m)
+        for q in actual.qos:
+            self._qos[q.device_id].append(q)
+        self._igmp = set(actual.igmp_devices) if actual.igmp_proxy else set()
+
+    def facts(self, device_id: str) -> dict[str, str]:
+        return _gateway_facts(device_id, self._reservations.get(device_id, ()), self._mappings.get(device_id, ()),
+                              self._qos.get(device_id, ()), device_id in self._igmp)
+
+
+def gateway_drift(record: DeviceRecord, actual: GatewayState | GatewayListing) -> Check:
     """What the gateway really has for the device against what its config asks of the gateway."""
     wants = wants_of(record.config) if record.config else None
     desired = _gateway_facts(record.device_id, [wants.reservation] if wants and wants.reservation else [],
                              wants.port_mappings if wants else (), [wants.qos] if wants and wants.qos else [],
                              bool(wants and wants.igmp))
-    has = _gateway_facts(record.device_id, actual.reservations, actual.port_mappings, actual.qos,
-                         actual.igmp_proxy and record.device_id in actual.igmp_devices)
+    listing = actual if isinstance(actual, GatewayListing) else GatewayListing(actual)
+    has = listing.facts(record.device_id)
     findings = []
     for item in sorted(desired.keys() | has.keys()):
         want, got = desired.get(item), has.get(item)

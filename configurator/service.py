@@ -53,7 +53,7 @@ from .ipam import LanPlan
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
-from .reconcile import Check, DriftTracker, Side, device_drift, gateway_drift
+from .reconcile import Check, DriftTracker, GatewayListing, Side, device_drift, gateway_drift
 from .records import DeviceRecord, now
 from .renumber import lan_plan, left_the_lan, saved, saved_plan
 from .store import Fenced, Store, StoreError
@@ -158,18 +158,20 @@ class Configurator:
         self._inbox.put(self._caught_up)  # in order: before anything the subscriptions bring
 
     def _caught_up(self) -> None:
-        """After every (re)connect: announce, republish, and re-plan once after start."""
+        """After every (re)connect: announce, re-plan once after start, republish the rest."""
         self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
-        # The broker may have lost its retained messages (amqtt keeps none across restarts).
+        sent: set[str] = set()
+        if not self._replanned:  # the LAN or the policy may have changed while we were down
+            self._replanned = True
+            sent = self._replan_all()
+            self._later(self.lan_watch.start)
+        # The broker may have lost its retained messages (amqtt keeps none across restarts); a
+        # config just re-planned is not sent in its old version first (it would come back to us).
         for record in self.store.all():
-            if record.config_payload:
+            if record.config_payload and record.device_id not in sent:
                 self._publish_raw(self.topics.device(record.device_id, "config"), record.config_payload.encode(),
                                   retain=True)
         self.publish_gateway_state()
-        if not self._replanned:  # the LAN or the policy may have changed while we were down
-            self._replanned = True
-            self._replan_all()
-            self._later(self.lan_watch.start)
         self._reconcile_all()
         self._later(log.info, "configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self._later(self.connected.set)
@@ -621,7 +623,9 @@ class Configurator:
         self._replan_all()
         self.publish_gateway_state()
 
-    def _replan_all(self) -> None:
+    def _replan_all(self) -> set[str]:
+        """Plan every enrolled device again; the ids of those given a new config version."""
+        sent = set()
         for record in self.store.all():
             if record.state not in PLANNABLE:
                 continue
@@ -629,6 +633,8 @@ class Configurator:
             if planned:
                 self._put(record)
                 self._after_commit(record, planned)
+                sent.add(record.device_id)
+        return sent
 
     def _put(self, record: DeviceRecord) -> None:
         self.store.put(record)
@@ -694,7 +700,8 @@ class Configurator:
         """Each device's own reports, and with `gateway` the driver's listing. The driver is given
         nothing for a device without a config, so there is nothing to compare."""
         try:
-            actual = self.driver.actual() if gateway else None
+            state = self.driver.actual() if gateway else None
+            actual = GatewayListing(state) if state is not None else None
             for record in records:
                 self._settle(record, device_drift(record))
                 if actual is not None and record.config:

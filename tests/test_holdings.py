@@ -74,3 +74,4 @@ def test_built_from_records_it_holds_what_they_hold():
     records = [planned(grown, f"dev-{i}", "nas" if i % 2 else "generic") for i in range(6)]
     rebuilt = Holdings(records)
     assert address(planned(rebuilt, "next")) == address(planned(grown, "next"))
+
