@@ -2,7 +2,8 @@
 
 amqtt has no payload size limit of its own: `HomenetBroker` drops an oversized PUBLISH before it
 is routed or retained, and says so on the `events` topic so a user watching with mosquitto_sub
-sees why a message vanished. It also fixes amqtt's leak of retained messages across clients.
+sees why a message vanished. It also fixes amqtt's leak of retained messages across clients,
+and two races on amqtt's table of subscriptions (docs/amqtt-notes.md).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import asyncio
 import logging
 import threading
 import time
+from collections.abc import Iterator
 from typing import Any
 
 from amqtt.broker import Broker
@@ -60,9 +62,23 @@ class _ProbeNoise(logging.Filter):
 logging.getLogger("amqtt.broker").addFilter(_ProbeNoise())
 
 
+class _Subscriptions(dict[str, Any]):
+    """amqtt's table of subscriptions (filter -> sessions), iterated over a copy of its keys.
+
+    At every CONNECT of a session that holds subscriptions, amqtt 0.12.1 runs
+    `for topic in self._subscriptions: await ...` (the retained messages); another client's
+    SUBSCRIBE handled during that await adds a filter, the loop dies with "dictionary changed
+    size during iteration" and the returning client is dropped. Found by bench/soak.py.
+    """
+
+    def __iter__(self) -> Iterator[str]:
+        return iter(list(super().__iter__()))
+
+
 class HomenetBroker(Broker):
     def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
         super().__init__(broker_config(settings, topics.root))
+        self._subscriptions = _Subscriptions()
         self.max_payload = settings.max_payload
         self.topics = topics
         self._writers: set[asyncio.StreamWriter] = set()
