@@ -46,8 +46,10 @@ def test_a_subscribe_while_a_returning_session_gets_its_retained_messages_drops_
     logged in again with their new accounts while others subscribed)."""
     original = HomenetBroker._publish_retained_messages_for_subscription
     returning, inside = threading.Event(), threading.Event()
+    seen: list[HomenetBroker] = []
 
     async def held_open(self: HomenetBroker, subscription: tuple[str, int], session: Any) -> None:
+        seen.append(self)
         if returning.is_set() and session.client_id == "dev-a" and not inside.is_set():
             inside.set()  # dev-b subscribes now, while dev-a's loop is suspended here
             for _ in range(500):
@@ -64,6 +66,9 @@ def test_a_subscribe_while_a_returning_session_gets_its_retained_messages_drops_
         wait_until(first.subscribed.is_set, what="dev-a subscribed")
         first.client.publish(MINE, b"retained", qos=1, retain=True).wait_for_publish(5)
         first.close()
+        # gone for the broker too, or the next CONNECT is a take-over (another amqtt race)
+        wait_until(lambda: seen[0]._sessions["dev-a"][0].transitions.state == "disconnected",
+                   what="the broker saw dev-a leave")
 
         returning.set()
         again = Client(broker.port, "dev-a", MINE)  # its session still holds MINE
