@@ -652,9 +652,7 @@ class Soak:
         """On Ctrl-C, SIGTERM or a failure: nothing we started may outlive the soak."""
         if self.observer is not None:
             self.observer.close()
-        for program in [d.program for d in self.devices.values()] + [self.configurator]:
-            program.stop()
-        self.broker.stop()
+        self.shutdown()
 
     def clean_exits(self) -> list[str]:
         """Exit codes after SIGTERM other than 0, or -15 (terminated before its handler was set)."""
