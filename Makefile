@@ -4,7 +4,7 @@ PYTHON ?= python3
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-dev
 
-.PHONY: demo run test bench bench-storm bench-day0 schemas clean
+.PHONY: demo run test bench bench-storm bench-day0 soak schemas clean
 
 $(STAMP): pyproject.toml
 	@sh scripts/ensure-venv.sh "$(PYTHON)" "$(VENV)"
@@ -29,6 +29,9 @@ bench-storm: $(STAMP) ## N agents at once (250, 1000, 5000) on amqtt and Mosquit
 
 bench-day0: $(STAMP) ## day-0 time (link-up to usable IPv4), homenet against DHCP; root, dnsmasq-base, busybox
 	$(BIN)/python bench/day0.py $(ARGS)
+
+soak: $(STAMP) ## devices join, leave, flap, broker and configurator restarted, then the invariants (docs/soak.md); ARGS="--duration 600 --broker mosquitto"
+	$(BIN)/python bench/soak.py $(ARGS)
 
 schemas: $(STAMP) ## regenerate schemas/json from the models
 	$(BIN)/python -m homenet.schemas.jsonschema

@@ -19,6 +19,7 @@ from __future__ import annotations
 import asyncio
 import logging
 from collections import defaultdict, deque
+from collections.abc import Iterator
 from typing import Any
 
 from amqtt.broker import Action, Broker
@@ -54,6 +55,13 @@ class Subscriptions(dict[str, list[tuple[Any, int]]]):
 
     def __repr__(self) -> str:
         return f"<{len(self)} topic filters, {len(self.wildcards)} with wildcards>"
+
+    def __iter__(self) -> Iterator[str]:
+        """Over a copy of the filters: at every CONNECT of a session that holds subscriptions
+        amqtt runs `for topic in self._subscriptions: await ...`; another client's SUBSCRIBE
+        during that await would end the loop with "dictionary changed size during iteration"
+        and drop the returning client (found by bench/soak.py)."""
+        return iter(list(super().__iter__()))
 
 
 class IndexedRouting(Broker):

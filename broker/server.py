@@ -2,7 +2,8 @@
 
 amqtt has no payload size limit of its own: `HomenetBroker` drops an oversized PUBLISH before it
 is routed or retained, and says so on the `events` topic so a user watching with mosquitto_sub
-sees why a message vanished. It also fixes amqtt's leak of retained messages across clients.
+sees why a message vanished. It also fixes amqtt's leak of retained messages across clients,
+and two races on amqtt's table of subscriptions (docs/amqtt-notes.md).
 """
 
 from __future__ import annotations

@@ -79,7 +79,7 @@ dns = ["10.0.0.1"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
-def _script(name: str) -> str:
+def console_script(name: str) -> str:
     """The console script of this very install (the one next to this interpreter)."""
     beside = Path(sys.executable).with_name(name)
     found = str(beside) if beside.exists() else shutil.which(name)
@@ -227,10 +227,10 @@ class Server:
     def start_configurator(self) -> None:
         """The configurator; for amqtt the gateway process (broker included)."""
         if self.mosquitto is not None:
-            cmd = [_script("homenet"), "configurator", "run", "--config", str(self.config),
+            cmd = [console_script("homenet"), "configurator", "run", "--config", str(self.config),
                    "--data-dir", str(self.data), "--broker", self.mosquitto.url]
         else:
-            cmd = [_script("homenet"), "gateway", "run", "--config", str(self.config), "--data-dir",
+            cmd = [console_script("homenet"), "gateway", "run", "--config", str(self.config), "--data-dir",
                    str(self.data), "--listen", f"127.0.0.1:{self.port}"]
         with open(self.log, "ab") as log:
             self.proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
@@ -464,7 +464,7 @@ def agent_connect_times(runs: int) -> list[float]:
     import socket
 
     times = []
-    agent = _script("homenet-agent")
+    agent = console_script("homenet-agent")
     with tempfile.TemporaryDirectory(prefix="homenet-footprint-") as tmp, \
             socket.create_server(("127.0.0.1", 0)) as server:
         port = server.getsockname()[1]
@@ -503,7 +503,7 @@ def agent_rss(count: int, timeout: float = 30.0) -> list[dict[str, int]]:
             raise click.ClickException("configurator not online in 30 s")
         procs = []
         for i in range(count):
-            cmd = [_script("homenet-agent"), "run", "--broker", f"mqtt://127.0.0.1:{server.port}",
+            cmd = [console_script("homenet-agent"), "run", "--broker", f"mqtt://127.0.0.1:{server.port}",
                    "--collector", "simulated", "--device-type", DEVICE_TYPE, "--device-id", f"fp-rss-{i}",
                    "--data-dir", str(tmp / f"agent{i}")]
             proc = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
@@ -635,7 +635,8 @@ def details(r: StormRun) -> str:
     return "\n".join(lines)
 
 
-def _terminated(signum: int, _frame: Any) -> NoReturn:
+def terminated(signum: int, _frame: Any) -> NoReturn:
+    """SIGTERM handler: unwind like Ctrl-C does, so the cleanup in `finally` stops our processes."""
     raise SystemExit(128 + signum)
 
 
@@ -649,7 +650,7 @@ def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: 
     click.echo("all confirmed: go -> last config.applied (99% conf: -> the ceil(0.99 N)th); p50/p99: agent's TCP connect -> its config.applied; "
                "cpu: go -> end of run\n")
     runs: list[StormRun] = []
-    previous = signal.signal(signal.SIGTERM, _terminated)
+    previous = signal.signal(signal.SIGTERM, terminated)
     try:
         for broker in brokers:
             for n in counts:
