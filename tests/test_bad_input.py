@@ -95,6 +95,21 @@ def test_replayed_register_is_refused(configured_nas: Gateway, mosquitto_pub: st
     assert gateway.database_digest() == before
 
 
+def test_the_last_accepted_message_delivered_again_is_not_called_a_replay(configured_nas: Gateway,
+                                                                          mosquitto_pub: str) -> None:
+    """After a broker restart an agent's retained result can arrive twice (retained and live)."""
+    gateway = configured_nas
+    last_seq = gateway.record("test-nas").last_seq
+    topic, payload = next((t, p) for t, p, _ in reversed(gateway.watcher.messages)
+                          if "/device/test-nas/" in t and p.startswith(b"{") and b'"sig"' in p
+                          and json.loads(p).get("seq") == last_seq)
+    before = gateway.record("test-nas")
+    publish(gateway, mosquitto_pub, topic.removeprefix(f"{ROOT}/"), payload.decode())
+    assert_still_serving(gateway)  # handled in order: the copy was before the camera
+    assert not [e for e in gateway.watcher.events() if e["event"] == "message.rejected"]
+    assert gateway.record("test-nas") == before
+
+
 @pytest.mark.parametrize("sender,reason", [
     ("configurator", "config not signed by this configurator's key; current config restored"),
     ("mallory", "config published by 'mallory', not by this configurator"),
