@@ -109,5 +109,5 @@ def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Conf
         driver.close()
         store.close()
         raise
-    reporter.connect(configurator.event, configurator.publish_gateway_state)
+    reporter.connect(configurator.event, configurator.publish_gateway_state, configurator.gateway_reported)
     return configurator

@@ -42,7 +42,7 @@ from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicE
 from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
-                                      Event as EventBody, ItemStatus, Model,
+                                      Event as EventBody, ItemResult, ItemStatus, Model,
                                       RegisterReply, RegisterStatus, ResultStatus, Severity)
 from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
@@ -113,7 +113,7 @@ class Configurator:
             "register": self._on_register, "config.result": self._on_result, "info": self._on_info}
         for record in store.all():  # a fresh gateway (reboot, new driver) is caught up at once
             if record.config:
-                driver.apply(record.config)
+                self.gateway_reported(record.device_id, driver.apply(record.config))
 
     # --- lifecycle of the service --------------------------------------------------------
 
@@ -686,7 +686,18 @@ class Configurator:
                        reason=f"{failure.item}: {failure.detail}")
         for refused in (r for r in results if r.status == ItemStatus.UNSUPPORTED):  # e.g. a third-party router
             self.event("gateway.unsupported", device_id=record.device_id, reason=f"{refused.item}: {refused.detail}")
+        self.gateway_reported(record.device_id, results)
         self.publish_gateway_state()
+
+    def gateway_reported(self, device_id: str, results: list[ItemResult]) -> None:
+        """Keep in the device's record what holds of its gateway items (from any thread: the
+        driver's retries report here too); written by a task of its own, as every write is."""
+        self._inbox.put(partial(self._keep_gateway_items, device_id, results))
+
+    def _keep_gateway_items(self, device_id: str, results: list[ItemResult]) -> None:
+        record = self.store.get(device_id)
+        if record is not None and record.config is not None and record.gateway != results:
+            self._put(record.model_copy(update={"gateway": results, "updated": now()}))
 
     # --- reconciliation (reconcile.py) ------------------------------------------------------
 
