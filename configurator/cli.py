@@ -359,7 +359,7 @@ def bench() -> None:
               help="Brokers to measure (default: both).")
 def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
     """Time from an agent's CONNACK to its confirmed config, against a trivial responder."""
-    from .bench import run_onboard
+    from homenet.bench.onboard import run_onboard
 
     run_onboard(count, list(brokers) or ["amqtt", "mosquitto"])
 
@@ -385,7 +385,7 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
 def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: float, processes: int,
                 profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool) -> None:
     """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS."""
-    from .storm import run_storm
+    from homenet.bench.storm import run_storm
 
     run_storm(list(counts) or [250, 1000, 5000], list(brokers) or ["amqtt", "mosquitto"], timeout, processes,
               profile, footprint, json_out, keep, renumber)

@@ -56,8 +56,8 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       Target, item_key)
 from homenet.settings import AgentSettings, ConfiguratorSettings, LanSettings
 
-from .app import build as build_configurator, lan_plan
-from .policy import NetworkView, evaluate
+from homenet.configurator.app import build as build_configurator, lan_plan
+from homenet.configurator.policy import NetworkView, evaluate
 
 WARMUP = 5
 TIMEOUT = 15.0

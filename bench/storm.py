@@ -11,7 +11,7 @@ Both: LAN 10.0.0.0/16 (the DHCP pool at 10.0.200.0 and up, so 51k static address
 gateway driver, enrollment `auto`, a fresh database, logging as the product ships it (INFO, to a
 file in the temp dir).
 
-The devices are `configurator/loadgen.py` agents (real signed messages, one asyncio loop per
+The devices are `bench/loadgen.py` agents (real signed messages, one asyncio loop per
 process), spread over `--processes` generator processes started before the clock. On "go" every
 agent starts its TCP connect at once. An observer (a paho client in this process, logged in as
 the gateway's local operator when the broker authenticates) records when `config.applied` for
@@ -441,13 +441,13 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
 
 def _count_configured(data: Path) -> tuple[int | None, int]:
     """Read the database the configurator left (read-only): devices in state `configured`."""
-    from .app import db_path
+    from homenet.configurator.app import db_path
 
     path = db_path(data)
     if not path.exists():
         return None, 0
-    from .lifecycle import State
-    from .store import SqliteStore
+    from homenet.configurator.lifecycle import State
+    from homenet.configurator.store import SqliteStore
 
     store = SqliteStore(path, read_only=True)
     try:
@@ -529,11 +529,11 @@ def synthetic_database(data: Path, n: int) -> None:
     from homenet.schemas.messages import Config, ConfigResult, ItemResult, ItemStatus, ResultStatus
     from homenet.settings import LanSettings
 
-    from .app import KEY_NAME, db_path, lan_plan
-    from .lifecycle import State
-    from .policy import NetworkView, evaluate
-    from .records import DeviceRecord
-    from .store import SqliteStore
+    from homenet.configurator.app import KEY_NAME, db_path, lan_plan
+    from homenet.configurator.lifecycle import State
+    from homenet.configurator.policy import NetworkView, evaluate
+    from homenet.configurator.records import DeviceRecord
+    from homenet.configurator.store import SqliteStore
 
     data.mkdir(parents=True, exist_ok=True)
     conf_key = KeyPair.load_or_create(data / KEY_NAME)
@@ -567,7 +567,7 @@ def synthetic_database(data: Path, n: int) -> None:
 def configurator_at_rest(n: int, timeout: float = 180.0) -> dict[str, float]:
     """`homenet configurator run` (Mosquitto) started on a database of `n` devices: seconds until
     its CPU is idle (republish, re-plan), and its RSS then."""
-    from .app import db_path
+    from homenet.configurator.app import db_path
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="homenet-rest-")))
