@@ -28,10 +28,10 @@ bench-storm: $(STAMP) ## N agents at once (250, 1000, 5000) on amqtt and Mosquit
 	$(BIN)/homenet bench storm $(ARGS)
 
 bench-day0: $(STAMP) ## day-0 time (link-up to usable IPv4), homenet against DHCP; root, dnsmasq-base, busybox
-	$(BIN)/python bench/day0.py $(ARGS)
+	$(BIN)/python -m homenet.bench.day0 $(ARGS)
 
 soak: $(STAMP) ## devices join, leave, flap, broker and configurator restarted, then the invariants (docs/soak.md); ARGS="--duration 600 --broker mosquitto"
-	$(BIN)/python bench/soak.py $(ARGS)
+	$(BIN)/python -m homenet.bench.soak $(ARGS)
 
 schemas: $(STAMP) ## regenerate schemas/json from the models
 	$(BIN)/python -m homenet.schemas.jsonschema

@@ -140,6 +140,7 @@ class Agent:
 
     def start(self) -> None:
         self._resume_apply()  # first: settings half applied may be what keeps the broker away
+        self._seq.reserve()  # the disk sync before connecting, not between CONNACK and register
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()

@@ -21,6 +21,7 @@ from homenet.schemas import Topics, encode
 from homenet.schemas.messages import Event, Severity
 from homenet.settings import BrokerSettings
 
+from . import delivery
 from .routing import IndexedRouting
 
 log = logging.getLogger(__name__)
@@ -62,6 +63,7 @@ class _ProbeNoise(logging.Filter):
 
 
 logging.getLogger("amqtt.broker").addFilter(_ProbeNoise())
+delivery.install()
 
 
 class HomenetBroker(IndexedRouting):

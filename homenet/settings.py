@@ -53,6 +53,11 @@ class LanSettings(Section):
 
 
 class BrokerSettings(Section):
+    engine: Literal["auto", "amqtt", "mosquitto"] = "amqtt"
+    """What `homenet gateway run` serves MQTT with: the embedded amqtt (pure pip, the default),
+    Debian's Mosquitto as its child process (broker/mosquitto.py), or `auto`: Mosquitto when it
+    is installed, else amqtt. A gateway image with Mosquitto should say `auto`
+    (docs/performance.md, "Broker engine")."""
     listeners: list[str] = Field(default_factory=lambda: ["0.0.0.0:1883", ":::1883"])
     """amqtt bind strings. `:::PORT` is IPv6 only (asyncio sets IPV6_V6ONLY), so IPv4 needs
     its own listener; amqtt refuses `[::]:PORT`."""
