@@ -1,18 +1,23 @@
 """The envelope around every JSON payload, and its canonical encoding.
 
 `seq` (per sender, strictly increasing, persisted) and `sig` are part of v1 from the start so
-that the security work can make them mandatory without changing the wire format. Canonical
-encoding (sorted keys, no spaces, UTF-8) is what a signature will cover.
+that the security work can make them mandatory without changing the wire format. A signature
+covers the envelope without `sig` in RFC 8785 form (JSON Canonicalization Scheme), made by a
+maintained library, so that an agent in any language can produce the same bytes with its own
+(docs/protocol.md, Signing). Numbers in a message are integers only: JCS would serialize a
+float as ECMAScript does, which few JSON libraries reproduce byte for byte.
 """
 
 from __future__ import annotations
 
 import json
 import uuid
+from decimal import Decimal
 from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
+import rfc8785
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
 
 from .messages import BODIES, Model
@@ -41,9 +46,25 @@ class Envelope(BaseModel):
     sig: str | None = None
 
 
+def _no_floats(obj: Any, where: str = "") -> None:
+    if isinstance(obj, (float, Decimal)):
+        raise ContractError(f"{where or '(top)'}: {obj!r} is not an integer; numbers in a signed message are integers")
+    if isinstance(obj, dict):
+        for key, value in obj.items():
+            _no_floats(value, f"{where}.{key}" if where else str(key))
+    elif isinstance(obj, list):
+        for i, value in enumerate(obj):
+            _no_floats(value, f"{where}[{i}]")
+
+
 def canonical(obj: Any) -> bytes:
-    """Deterministic JSON bytes: the form that is hashed and signed."""
-    return json.dumps(obj, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
+    """RFC 8785 bytes of a JSON value: what is signed. ContractError for a float, an integer
+    outside ±(2^53-1), or a string that is not Unicode text (a lone surrogate)."""
+    _no_floats(obj)
+    try:
+        return rfc8785.dumps(obj)
+    except rfc8785.CanonicalizationError as exc:
+        raise ContractError(f"cannot be canonicalized (RFC 8785): {exc}") from None
 
 
 def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None = None,
