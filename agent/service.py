@@ -234,8 +234,8 @@ class Agent:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
             if reply.credentials:
-                self.state.update(username=reply.credentials["username"], password=reply.credentials["password"])
-                log.info("received broker account %s; logging in with it", reply.credentials["username"])
+                self.state.update(username=reply.credentials.username, password=reply.credentials.password)
+                log.info("received broker account %s; logging in with it", reply.credentials.username)
                 threading.Thread(target=self._reconnect, daemon=True).start()
                 return
             self.registered.set()

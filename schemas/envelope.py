@@ -23,6 +23,8 @@ from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, V
 from .messages import BODIES, Model
 from .signing import b64, unb64, verify
 
+SIGNATURE_PATTERN = r"^[A-Za-z0-9+/]{85}[AQgw]==$"
+"""Standard padded base64 of a raw 64-byte Ed25519 signature: 88 characters."""
 MAX_PAYLOAD = 64 * 1024
 """Largest payload a homenet service accepts; the embedded broker's own limit is larger."""
 
@@ -36,14 +38,23 @@ class Envelope(BaseModel):
     _signed: bytes = PrivateAttr(default=b"")
     """Canonical bytes of the envelope as received, without `sig`: what the signature covers."""
 
-    v: Literal[1] = 1
-    kind: Annotated[str, Field(max_length=32)]
-    id: Annotated[str, Field(min_length=1, max_length=64)]
-    seq: Annotated[int, Field(ge=0)]
-    sender: Annotated[str, Field(alias="from", min_length=1, max_length=64)]
-    time: AwareDatetime
-    body: dict[str, Any]
-    sig: str | None = None
+    v: Literal[1] = Field(1, description="The contract version: 1. A v2 receiver keeps its own topic root.")
+    kind: Annotated[str, Field(max_length=32, description="What the body is; one of the kinds below.",
+                               json_schema_extra={"enum": sorted(BODIES)})]
+    id: Annotated[str, Field(min_length=1, max_length=64, description=(
+        "A unique id of this message (e.g. 32 hex digits of a random UUID); a reply names it in `re`."))]
+    seq: Annotated[int, Field(ge=0, description=(
+        "The sender's sequence number: one counter for everything it sends, strictly increasing, kept "
+        "across restarts; a receiver refuses a live message whose seq is not above the last accepted."))]
+    sender: Annotated[str, Field(alias="from", min_length=1, max_length=64, description=(
+        "Who sent it: the device id (an agent) or the configurator id."))]
+    time: AwareDatetime = Field(description=(
+        "When it was sent, RFC 3339 with an offset. Informative only: a device clock may be wrong."))
+    body: dict[str, Any] = Field(description="The message itself: the schema of its kind.")
+    sig: str | None = Field(None, description=(
+        "Ed25519 signature (RFC 8032) of the RFC 8785 canonical bytes of the envelope without `sig`: "
+        "standard padded base64 of the raw 64 bytes."),
+        json_schema_extra={"pattern": SIGNATURE_PATTERN})
 
 
 def _no_floats(obj: Any, where: str = "") -> None:

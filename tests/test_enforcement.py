@@ -145,9 +145,9 @@ def test_an_anonymous_device_that_omits_needs_credentials_still_gets_an_account(
         device.register(needs_credentials=False)
         _, reply = device.receive("register/reply")
         assert isinstance(reply, RegisterReply) and reply.status == "accepted"
-        assert reply.credentials and reply.credentials["username"] == "hand-anon", \
+        assert reply.credentials and reply.credentials.username == "hand-anon", \
             "without an account it could never read its config"
-        device.login(reply.credentials["username"], reply.credentials["password"])
+        device.login(reply.credentials.username, reply.credentials.password)
         device.register(needs_credentials=False)  # logged in: no new password this time
         _, again = device.receive("register/reply")
         assert again.status == "accepted" and again.credentials is None
