@@ -105,3 +105,25 @@ def test_the_pairing_code_vector_byte_by_byte(tmp_path: Path) -> None:
     number = int.from_bytes(bytes.fromhex(digest)[:8], "big")
     assert str(number) == PAIRING["first_8_bytes_big_endian"] and number % 1_000_000 == PAIRING["modulo_1000000"]
     assert PAIRING["code"] == f"{number % 1_000_000 // 1000:03d}-{number % 1000:03d}" == pairing_code(key)
+
+
+JS_CANONICALIZE = """
+// RFC 8785 in JavaScript, as its appendix describes: JSON.stringify is ECMAScript's serializer,
+// keys sorted by UTF-16 code units (what Array.prototype.sort does with strings).
+const canon = (v) => v === null || typeof v !== "object" ? JSON.stringify(v)
+  : Array.isArray(v) ? "[" + v.map(canon).join(",") + "]"
+  : "{" + Object.keys(v).sort().map((k) => JSON.stringify(k) + ":" + canon(v[k])).join(",") + "}";
+const cases = JSON.parse(require("fs").readFileSync(0, "utf8"));
+process.stdout.write(JSON.stringify(cases.map((c) => {
+  const { sig, ...rest } = JSON.parse(c.payload);
+  return Buffer.from(canon(rest), "utf8").toString("hex");
+})));
+"""
+
+
+def test_a_javascript_engine_makes_the_same_canonical_bytes() -> None:
+    node = require_program("node", "/usr/bin/node")
+    done = subprocess.run([node, "-e", JS_CANONICALIZE], input=json.dumps(VALID), capture_output=True,
+                          text=True, timeout=30)
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout) == [c["canonical_hex"] for c in VALID]
