@@ -33,8 +33,9 @@ bench-day0: $(STAMP) ## day-0 time (link-up to usable IPv4), homenet against DHC
 soak: $(STAMP) ## devices join, leave, flap, broker and configurator restarted, then the invariants (docs/soak.md); ARGS="--duration 600 --broker mosquitto"
 	$(BIN)/python -m homenet.bench.soak $(ARGS)
 
-schemas: $(STAMP) ## regenerate schemas/json from the models
+schemas: $(STAMP) ## regenerate schemas/json from the models and schemas/vectors from the fixed keys
 	$(BIN)/python -m homenet.schemas.jsonschema
+	$(BIN)/python -m homenet.schemas.testvectors
 
 clean:
 	rm -rf $(VENV) build *.egg-info

@@ -40,8 +40,9 @@ import paho.mqtt.client as paho
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import ContractError, Envelope, Topics, decode, encode, signed_by
+from homenet.schemas.results import overall
 from homenet.schemas.signing import fingerprint, pairing_code, unb64
-from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
+from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, Model,
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
@@ -53,19 +54,6 @@ if TYPE_CHECKING:  # the beacon listener loads psutil: only agents that discover
     from .bootstrap import Discovery
 
 log = logging.getLogger(__name__)
-
-_OK = (ItemStatus.APPLIED, ItemStatus.UNCHANGED)
-
-
-def overall(statuses: list[ItemStatus]) -> ResultStatus:
-    """Any item rolled back -> rolled_back; all fine -> ok; none fine -> failed; some -> partial."""
-    if ItemStatus.ROLLED_BACK in statuses:
-        return ResultStatus.ROLLED_BACK
-    fine = sum(s in _OK for s in statuses)
-    if fine == len(statuses):
-        return ResultStatus.OK
-    return ResultStatus.FAILED if fine == 0 else ResultStatus.PARTIAL
-
 
 class Agent:
     def __init__(self, device: Device, broker: BrokerUrl, verify: list[Endpoint] | None = None,
@@ -247,8 +235,8 @@ class Agent:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
             if reply.credentials:
-                self.state.update(username=reply.credentials["username"], password=reply.credentials["password"])
-                log.info("received broker account %s; logging in with it", reply.credentials["username"])
+                self.state.update(username=reply.credentials.username, password=reply.credentials.password)
+                log.info("received broker account %s; logging in with it", reply.credentials.username)
                 threading.Thread(target=self._reconnect, daemon=True).start()
                 return
             self.registered.set()

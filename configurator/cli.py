@@ -422,3 +422,52 @@ def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: floa
 
     run_storm(list(counts) or [250, 1000, 5000], list(brokers) or BROKERS, timeout, processes,
               profile, footprint, json_out, keep, renumber)
+
+
+@main.group()
+def conformance() -> None:
+    """Check an agent against the wire contract (docs/protocol.md, Conformance)."""
+
+
+@conformance.command("agent", context_settings={"ignore_unknown_options": True})
+@click.option("--json", "as_json", is_flag=True, help="The verdicts as one JSON document on stdout (for CI).")
+@click.option("--answer-time", default=10.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Seconds the agent has for each answer (register, result, reconnect).")
+@click.option("--quiet-time", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="Seconds the kit watches for an answer that must not come.")
+@VERBOSE
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verbose: bool,
+                      command: tuple[str, ...]) -> None:
+    """Play the gateway for the agent COMMAND and walk it through every rule of the contract.
+
+    {url} in COMMAND becomes the kit's broker (mqtt://127.0.0.1:PORT), {data} a directory kept
+    for the whole run (the agent's state, for the restart rule). Exit status 1 when a rule fails.
+
+        homenet conformance agent -- ./my-agent --broker {url} --state {data}
+    """
+    import logging
+
+    from .conformance import Timing, Verdict, check_agent
+
+    if verbose:
+        logs.setup(True)
+    else:  # the kit's broker refuses logins on purpose: its log lines are not the verdicts
+        logging.getLogger().addHandler(logging.NullHandler())
+
+    def line(v: Verdict) -> None:
+        click.echo(f"{'PASS' if v.ok else 'FAIL'} {v.rule}: {v.seen}", err=as_json)
+
+    try:
+        report = check_agent(list(command), Timing(answer_time, quiet_time), line)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    passed = sum(v.ok for v in report.verdicts)
+    if as_json:
+        click.echo(report.as_json())
+    click.echo(f"{passed} passed, {len(report.verdicts) - passed} failed", err=as_json)
+    if not report.ok:
+        tail = report.agent_log.splitlines()[-15:]
+        if tail:
+            click.echo("last lines of the agent's output:\n  " + "\n  ".join(tail), err=True)
+        raise SystemExit(1)

@@ -39,6 +39,7 @@ from homenet.accounts import AccountError, AccountStore
 from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
+from homenet.schemas.results import result_problem
 from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
@@ -546,8 +547,10 @@ class Configurator:
         record, planned = self._plan(record.model_copy(update={"state": advance(record.state, event)}))
         self._put(record)
         credentials = None
-        if self.accounts is not None and record.info.needs_credentials:
-            # the register was signed by the bound key: only the device itself gets here
+        if self.accounts is not None and (record.info.needs_credentials or self.accounts.get(record.device_id) is None):
+            # the register was signed by the bound key: only the device itself gets here. A device
+            # with no account logged in anonymously, whatever it said: without one it could never
+            # read its config (docs/protocol.md, Enrollment)
             credentials = {"username": record.device_id,
                            "password": self.accounts.set(record.device_id, Role.DEVICE)}
         self._reply(record.device_id, record.register_id, RegisterStatus.ACCEPTED, record.error,
@@ -585,6 +588,9 @@ class Configurator:
             raise Rejected("config.result from a device that was sent no config")
         if result.version != record.version:
             raise Rejected(f"stale config.result for version {result.version}; current is {record.version}")
+        problem = result_problem(result, record.config, json.loads(record.config_payload)["id"])
+        if problem:  # e.g. `ok` for no items: the device would pass for configured
+            raise Rejected(f"config.result refused: {problem}")
         if result == record.result:  # the agent re-sent it after a reconnect
             self._put(record.model_copy(update={"last_seq": envelope.seq}))
             return

@@ -417,8 +417,30 @@ def test_canonical_keeps_list_order():
 
 
 def test_canonical_round_trips_through_json():
-    obj = {"z": [1, {"k": True}], "a": "ünïcode", "n": None, "f": 1.5}
+    obj = {"z": [1, {"k": True}], "a": "ünïcode", "n": None, "i": -7}
     assert json.loads(canonical(obj)) == obj
+
+
+def test_canonical_is_rfc8785_sorting_keys_by_utf16_code_units():
+    # "\U0001f600" (UTF-16 D83D DE00) sorts before "\ufb01" (FB01) in JCS, after it by code point
+    assert canonical({"\ufb01": 1, "\U0001f600": 2}) == '{"\U0001f600":2,"\ufb01":1}'.encode()
+
+
+def test_canonical_refuses_floats_anywhere():
+    with pytest.raises(ContractError, match=r"detail.x\[1\]: 1.5 is not an integer"):
+        canonical({"detail": {"x": [1, 1.5]}})
+
+
+def test_canonical_refuses_integers_beyond_the_safe_range():
+    with pytest.raises(ContractError, match="RFC 8785"):
+        canonical({"n": 2 ** 53})
+
+
+def test_a_received_float_is_refused_with_the_field_named():
+    raw = envelope()
+    raw["body"] = {"method": "ping", "params": {"timeout": 1.5}}
+    with pytest.raises(ContractError, match="body.params.timeout: 1.5 is not an integer"):
+        decode(json.dumps(raw).encode())
 
 
 def test_canonical_is_stable_across_calls():
