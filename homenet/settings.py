@@ -68,6 +68,13 @@ class BrokerSettings(Section):
     """TLS binds, e.g. `0.0.0.0:8883`; an empty `listeners` list then means plain TCP is off."""
     certfile: Path | None = None
     keyfile: Path | None = None
+    connect_timeout: float = Field(default=10.0, gt=0)
+    """Seconds a new connection may take to send its CONNECT; then it is closed."""
+    max_connections_per_source: int = Field(default=64, ge=1)
+    """Connections open at once from one address (the host's loopback is not held to it)."""
+    max_connections: int = Field(default=0, ge=0)
+    """Connections open at once in all; 0: as many as the file-descriptor limit leaves room
+    for (soft RLIMIT_NOFILE less 256). The gateway unit sets LimitNOFILE=65536."""
 
 
 IfName = Annotated[str, Field(pattern=r"^[A-Za-z0-9_.-]{1,15}$")]
