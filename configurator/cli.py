@@ -73,6 +73,8 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from homenet.l2 import NoRawSocket
 
     from .app import build
+    from .extensions import Extensions
+    from .extensions.http import HttpError
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
@@ -88,8 +90,10 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings))
         await broker.start()
         configurator = build(conf_settings)
+        extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
         sender = None
         try:
+            extensions.start()  # before the configurator: nothing it commits is missed
             if settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
                 loop = asyncio.get_running_loop()
@@ -105,12 +109,15 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 sender.start()
             configurator.start()
             await _until_signal()
+        except HttpError as exc:
+            raise click.ClickException(str(exc)) from None
         except (NoRawSocket, OSError) as exc:
             raise click.ClickException(f"beacon: {exc}") from None
         finally:
             if sender:
                 sender.stop()
             await asyncio.to_thread(configurator.stop)
+            await asyncio.to_thread(extensions.stop)
             await broker.stop()
 
     asyncio.run(serve())

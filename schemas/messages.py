@@ -206,7 +206,7 @@ class RpcReply(Model):
 class Command(Model):
     """An operator's request to the configurator (the `homenet devices ...` commands)."""
 
-    op: Literal["forget", "approve", "reject", "pair", "reset", "user.add", "user.remove"]
+    op: Literal["forget", "approve", "reject", "pair", "reset", "refresh", "user.add", "user.remove"]
     device_id: DeviceId | None = None
     code: Annotated[str, Field(max_length=16)] = ""
     """The pairing code, for `pair`."""
