@@ -88,6 +88,8 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from homenet.l2 import NoRawSocket
 
     from .app import build
+    from .extensions import Extensions
+    from .extensions.http import HttpError
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
@@ -114,8 +116,10 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 raise click.ClickException(f"broker: {exc}") from None
         configurator = build(conf_settings)
+        extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
         sender = None
         try:
+            extensions.start()  # before the configurator: nothing it commits is missed
             if settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
                 loop = asyncio.get_running_loop()
@@ -135,12 +139,15 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 await _until_signal()
             else:
                 await _until_signal_or(child.exited(), "mosquitto exited with status {}; stopping")
+        except HttpError as exc:
+            raise click.ClickException(str(exc)) from None
         except (NoRawSocket, OSError) as exc:
             raise click.ClickException(f"beacon: {exc}") from None
         finally:
             if sender:
                 sender.stop()
             await asyncio.to_thread(configurator.stop)
+            await asyncio.to_thread(extensions.stop)
             if broker is not None:
                 await broker.stop()
             if child is not None:

@@ -44,10 +44,11 @@ from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
                                       Event as EventBody, ItemResult, ItemStatus, Model,
-                                      RegisterReply, RegisterStatus, ResultStatus, Severity)
+                                      RegisterReply, RegisterStatus, ResultStatus, Rpc, Severity)
 from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
 
+from .bus import Bus, Committed, DeviceChanged
 from .gateway import GatewayDriver
 from .holdings import Holdings
 from .ipam import LanPlan
@@ -92,6 +93,8 @@ class Configurator:
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
+        self.bus = Bus()
+        """What was committed, for the extensions (configurator/bus.py)."""
         self._stopping = False
         self._replanned = False
         self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
@@ -210,9 +213,11 @@ class Configurator:
             self._outbox.actions, self._outbox.gateway_changed = actions, False
             try:
                 # accounts first: a reply's credentials must work when the commit lets it out
+                started = time.perf_counter()
                 with self.store.transaction(), self._accounts_batch():
                     for item in batch:
                         self._handle(item)
+                self.bus.emit(Committed(time.perf_counter() - started, len(batch)))
                 break
             except Fenced as exc:
                 self._stand_down(str(exc))
@@ -291,6 +296,7 @@ class Configurator:
         body = EventBody(event=name, severity=severity, device_id=device_id, topic=topic,
                          sender=sender, reason=reason, detail=detail)
         self._publish(self.topics.events, "event", body)
+        self._later(self.bus.emit, body)
 
     def publish_gateway_state(self) -> None:
         """What the driver has set, retained on `gateway/state` (also called by the driver's
@@ -379,7 +385,7 @@ class Configurator:
         envelope, command = decode(payload, expected_kind="command")
         try:
             handler = {"forget": self._forget, "approve": self._approve, "reject": self._reject,
-                       "pair": self._pair, "reset": self._reset, "user.add": self._user_add,
+                       "pair": self._pair, "reset": self._reset, "refresh": self._refresh, "user.add": self._user_add,
                        "user.remove": self._user_remove}[command.op]
             result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
@@ -425,6 +431,12 @@ class Configurator:
         self._drop_account(record.device_id)
         self.event("device.reset", Severity.WARNING, device_id=record.device_id,
                    reason="key binding cleared by the operator")
+        return {"device_id": record.device_id}
+
+    def _refresh(self, command: Command) -> dict[str, Any]:
+        """Ask the device for its info now (rpc `refresh`), e.g. from Home Assistant's button."""
+        record = self._known(command)
+        self._publish(self.topics.device(record.device_id, "rpc"), "rpc", Rpc(method="refresh"))
         return {"device_id": record.device_id}
 
     def _drop_account(self, name: str) -> None:
@@ -651,6 +663,7 @@ class Configurator:
     def _put(self, record: DeviceRecord) -> None:
         self.store.put(record)
         self.holdings.update(record)
+        self._later(self.bus.emit, DeviceChanged(record))
 
     def _view(self, device_id: str) -> NetworkView:
         return self.holdings.view(self.driver.lan(), device_id, self.driver.name)

@@ -152,10 +152,33 @@ class BeaconSettings(Section):
     ethertype: int = Field(default=0x88B5, ge=0x0600, le=0xFFFF)
 
 
+class HttpSettings(Section):
+    """The gateway's HTTP server, for the `web` page and the `metrics` (docs/extensions.md)."""
+
+    listen: list[str] = Field(default_factory=lambda: ["lan"])
+    """`lan`: every address, but only on the LAN interface (`configurator.gateway.lan_interface`,
+    bound with SO_BINDTODEVICE, so a renumbered LAN is still served); else IP addresses."""
+    port: int = Field(default=8080, ge=1, le=65535)
+
+
+class Switch(Section):
+    enabled: bool = True
+
+
+class HomeAssistantSettings(Switch):
+    prefix: str = Field(default="homeassistant", pattern=r"^[A-Za-z0-9_-]+(/[A-Za-z0-9_-]+)*$")
+    """Home Assistant's MQTT discovery prefix (its MQTT integration's setting of that name)."""
+
+
 class GatewaySettings(Section):
     broker: BrokerSettings = Field(default_factory=BrokerSettings)
     beacon: BeaconSettings = Field(default_factory=BeaconSettings)
     configurator: ConfiguratorSettings = Field(default_factory=ConfiguratorSettings)
+    # the extensions beside the core, each off by `enabled = false` (docs/extensions.md)
+    http: HttpSettings = Field(default_factory=HttpSettings)
+    web: Switch = Field(default_factory=Switch)
+    metrics: Switch = Field(default_factory=Switch)
+    homeassistant: HomeAssistantSettings = Field(default_factory=HomeAssistantSettings)
 
 
 class AgentSettings(Section):

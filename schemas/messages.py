@@ -251,9 +251,9 @@ class RpcReply(Model):
 class Command(Model):
     """An operator's request to the configurator (the `homenet devices ...` commands)."""
 
-    op: Literal["forget", "approve", "reject", "pair", "reset", "user.add", "user.remove"] = Field(
+    op: Literal["forget", "approve", "reject", "pair", "reset", "refresh", "user.add", "user.remove"] = Field(
         description="The operation (the `homenet devices ...` and `homenet users ...` commands).")
-    device_id: DeviceId | None = Field(None, description="The device, for forget, approve, reject and reset.")
+    device_id: DeviceId | None = Field(None, description="The device, for forget, approve, reject, reset and refresh.")
     code: Annotated[str, Field(max_length=16, description="The pairing code the device shows, for `pair`.")] = ""
     user: DeviceId | None = Field(None, description="The operator account, for `user.add` and `user.remove`.")
     read_only: bool = Field(True, description="For `user.add`: a read-only account (else an operator).")
