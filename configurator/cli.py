@@ -50,6 +50,16 @@ def main() -> None:
     """homenet gateway: IEC 62608 configurator and embedded MQTT broker."""
 
 
+def _cloud_commands() -> None:
+    """`homenet cloud …` (cloud/cli.py): its heavy imports load only when a cloud command runs."""
+    from homenet.cloud.cli import cloud
+
+    main.add_command(cloud)
+
+
+_cloud_commands()
+
+
 @main.group()
 def gateway() -> None:
     """The home gateway appliance: broker and configurator together."""

@@ -59,6 +59,8 @@ class DeviceInfo(Model):
     device_id: DeviceId
     device_type: Annotated[str, Field(min_length=1, max_length=32)]
     model: Annotated[str, Field(max_length=128)] = ""
+    maker: Annotated[str, Field(max_length=64)] = ""
+    """Who made the device: with `model`, the key of its equipment profile on the service server."""
     hostname: Annotated[str, Field(max_length=253)] = ""
     agent_version: Annotated[str, Field(max_length=32)] = ""
     capabilities: list[Annotated[str, Field(max_length=64)]] = Field(default_factory=list, max_length=64)
