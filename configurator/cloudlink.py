@@ -57,6 +57,8 @@ OWN_EVENTS = frozenset({"cloud.failure", "cloud.failure.resolved", "cloud.explai
 AV_TYPES = frozenset({"iptv-stb", "media-player", "camera"})
 EXPLAINS = {"iptv": ("igmp",), "internet": ("quality", "port_mapping")}
 """Which failures of the home an operator's outage of each service accounts for."""
+SETTLE = 2.0
+"""Seconds between a config applied and its quality check: the device's service starts after its network."""
 RESTORE_SEQ_GAP = 10_000_000
 """A restored configurator's sequence starts this far above the backup's: agents refuse a seq
 at or below one they accepted, and the old gateway may have used more since its last backup."""
@@ -82,7 +84,10 @@ def digest(data: dict[str, Any]) -> str:
 
 
 def make_client(settings: CloudSettings, configurator_key: Any, state: CloudState) -> tuple[CloudClient, SequenceCounter]:
-    seq = SequenceCounter(state.meta("seq_reserved", 0), lambda ceiling: state.set_meta(seq_reserved=ceiling))
+    # From the clock (µs) when that is higher: a replacement gateway, with no state of the old
+    # one's, still starts above every seq the old one used (the cloud refuses a seq used before).
+    start = max(state.meta("seq_reserved", 0), time.time_ns() // 1000)
+    seq = SequenceCounter(start, lambda ceiling: state.set_meta(seq_reserved=ceiling))
     pinned = settings.public_key or state.meta("cloud_key")
     client = CloudClient(settings.url, settings.home_id, configurator_key, seq.next,
                          unb64(pinned) if pinned else None, settings.cafile)
@@ -225,8 +230,10 @@ class CloudLink:
         self._dirty.add(event.device_id)
         self._backup_due = True
         self._wake.set()
-        if event.event == "config.applied":
-            self._jobs.put(partial(self.check_quality, event.device_id))
+        if event.event == "config.applied":  # give the device's service a moment to start
+            timer = threading.Timer(SETTLE, self._jobs.put, [partial(self.check_quality, event.device_id)])
+            timer.daemon = True
+            timer.start()
         elif event.event in ("config.failed", "device.unplanned"):
             self._jobs.put(partial(self._failed, event.device_id, event.event, event.reason))
 
@@ -251,10 +258,14 @@ class CloudLink:
     # --- the sender: outbox, backup ------------------------------------------------------------
 
     def _send(self) -> None:
-        delay, last_backup = 1.0, 0.0
+        delay, last_backup, last_quality = 1.0, 0.0, time.monotonic()
         while not self._halt.is_set():
             self._wake.wait(1.0)
             self._wake.clear()
+            if time.monotonic() - last_quality >= self.settings.quality_interval:
+                last_quality = time.monotonic()
+                for device_id in self._on_worker(lambda: [r.device_id for r in self.c.store.all()]):
+                    self._jobs.put(partial(self.check_quality, device_id))
             try:
                 self._queue_inventory()
                 while (pending := self.state.next_pending()) is not None and not self._halt.is_set():

@@ -114,6 +114,8 @@ class CloudSettings(Section):
     """Seconds between configuration backups while something changed."""
     restore: bool = True
     """A configurator starting on an empty database restores the home's backup first."""
+    quality_interval: float = Field(default=3600.0, gt=0)
+    """Seconds between quality checks of every device with a port forward (also after each config)."""
 
 
 class ConfiguratorSettings(Section):

@@ -152,3 +152,48 @@ lookup_timeout = 0.5
     finally:
         proc.kill()
         gw.close()
+
+
+def test_a_replacement_gateway_restores_the_home_from_its_backup(
+        embedded: Embedded, tmp_path: Path, cloud: CloudServer) -> None:
+    import shutil
+
+    from homenet.configurator.app import KEY_NAME
+    from homenet.configurator.lifecycle import State
+
+    old = Gateway(embedded, tmp_path, cloud=link_settings(cloud))
+    old.start()
+    for device_type in ("nas", "iptv-stb"):
+        old.agent(device_type, f"{device_type}-1")
+    before = {d: old.wait_configured(d) for d in ("nas-1", "iptv-stb-1")}
+    wait_until(lambda: cloud_backup(cloud) == set(before), 10, "both devices in the backup")
+    agents = old.agents
+    old.agents = []  # the devices stay up; only the gateway is replaced
+    old.stop()
+
+    new_tmp = tmp_path / "replacement"
+    (new_tmp / "gateway").mkdir(parents=True)
+    shutil.copy(old.data_dir / KEY_NAME, new_tmp / "gateway" / KEY_NAME)  # the home's identity
+    new = Gateway(embedded, new_tmp, cloud=link_settings(cloud))
+    new.agents = agents
+    new.start()
+    try:
+        for device_id, was in before.items():
+            now = new.record(device_id)
+            assert now is not None and now.state == State.CONFIGURED and now.address == was.address
+            assert now.version == was.version  # nothing re-sent: the devices already have it
+        assert new.configurator is not None
+        state = new.configurator.driver.state()
+        assert {r.device_id: str(r.address) for r in state.reservations} == \
+            {d: r.address for d, r in before.items()}
+        assert [m.device_id for m in state.port_mappings] == ["nas-1"]
+        # the devices confirm to the new gateway without a person: a config changed now is applied
+        assert new.watcher is not None
+        new.watcher.messages.clear()
+        for agent in agents:
+            agent.stop()
+            agent.start()
+        for device_id in before:
+            new.watcher.wait_event("device.online", timeout=15, device_id=device_id)
+    finally:
+        new.close()
