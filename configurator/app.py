@@ -101,6 +101,9 @@ def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Conf
     ident = ident or identity(settings)
     reporter = GatewayReporter()
     store = SqliteStore(db_path(settings.data_dir))
+    if settings.cloud and settings.cloud.restore and not store.all() and "epoch" not in store.meta():
+        from .cloudlink import restore  # a replacement gateway: the home's configuration from its backup
+        restore(settings.cloud, ident.key, settings.data_dir, store)
     lan = saved_plan(settings.lan, store.meta())  # a renumbered LAN stays renumbered across restarts
     driver = make_driver(settings, reporter, lan)
     try:
@@ -110,4 +113,7 @@ def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Conf
         store.close()
         raise
     reporter.connect(configurator.event, configurator.publish_gateway_state, configurator.gateway_reported)
+    if settings.cloud:
+        from .cloudlink import CloudLink
+        configurator.extensions.append(CloudLink(configurator, settings.cloud, settings.data_dir))
     return configurator

@@ -63,6 +63,16 @@ def main() -> None:
     """homenet gateway: IEC 62608 configurator and embedded MQTT broker."""
 
 
+def _cloud_commands() -> None:
+    """`homenet cloud …` (cloud/cli.py): its heavy imports load only when a cloud command runs."""
+    from homenet.cloud.cli import cloud
+
+    main.add_command(cloud)
+
+
+_cloud_commands()
+
+
 @main.group()
 def gateway() -> None:
     """The home gateway appliance: broker and configurator together."""
@@ -281,10 +291,15 @@ def devices_list(config: Path | None, data_dir: Path | None) -> None:
 @DATA_DIR
 def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> None:
     """Everything known about one device."""
-    record = _store(config, data_dir).get(device_id)
+    from .cloudstate import cloud_detail
+
+    store = _store(config, data_dir)
+    record = store.get(device_id)
     if record is None:
         raise click.ClickException(f"no device {device_id!r} in the database")
     click.echo(device_detail(record))
+    if cloud := cloud_detail(store.path.parent, device_id):
+        click.echo(cloud)
 
 
 BROKER = click.option("--broker", help="Broker of the running configurator (default: this gateway's).")

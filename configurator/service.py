@@ -29,7 +29,7 @@ import time
 from collections.abc import Callable
 from functools import partial
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
 from pydantic import ValidationError
@@ -55,6 +55,7 @@ from .ipam import LanPlan
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
+from .profiles import Profile
 from .reconcile import Check, DriftTracker, GatewayListing, Side, device_drift, gateway_drift
 from .records import DeviceRecord, now
 from .renumber import lan_plan, left_the_lan, saved, saved_plan
@@ -68,6 +69,13 @@ MAX_BATCH = 500
 """Messages handled in one transaction at most: bounds the work lost to one failed commit."""
 _STOP = object()
 Task = Callable[[], None]
+
+
+class Extension(Protocol):
+    """A feature beside the core (design: extensions): `start` and `stop` with the service."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
 
 
 class Rejected(Exception):
@@ -115,6 +123,11 @@ class Configurator:
         self.client.on_message = self._on_message
         self._handlers: dict[str, Callable[[str, Envelope, Any, DeviceRecord | None], None]] = {
             "register": self._on_register, "config.result": self._on_result, "info": self._on_info}
+        # Extensions (configurator/cloudlink.py): started and stopped with the service, told
+        # every event after its commit, and asked for a model's own profile when planning.
+        self.extensions: list[Extension] = []
+        self.listeners: list[Callable[[EventBody], None]] = []
+        self.profile_source: Callable[[DeviceInfo], Profile | None] = lambda _info: None
         for record in store.all():  # a fresh gateway (reboot, new driver) is caught up at once
             if record.config:
                 self.gateway_reported(record.device_id, driver.apply(record.config))
@@ -124,11 +137,27 @@ class Configurator:
     def start(self) -> None:
         self._worker.start()
         self._ticker.start()
+        for extension in self.extensions:
+            extension.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
 
+    def submit(self, task: Task) -> None:
+        """Run `task` on the worker, in a batch of its own (for extensions, from their threads)."""
+        self._inbox.put(task)
+
+    def replan(self) -> None:
+        """Plan every device again (an extension learned something that changes plans)."""
+        self.submit(self._replan_all)
+
+    def reconcile_now(self) -> None:
+        """Reconcile every device now, correcting what drifted (as `drift` allows)."""
+        self.submit(self._reconcile_all)
+
     def stop(self) -> None:
         """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
+        for extension in self.extensions:
+            extension.stop()
         self._stopping = True
         self._halt.set()
         self._inbox.put(_STOP)
@@ -297,6 +326,8 @@ class Configurator:
                          sender=sender, reason=reason, detail=detail)
         self._publish(self.topics.events, "event", body)
         self._later(self.bus.emit, body)
+        for listener in self.listeners:
+            self._later(listener, body)
 
     def publish_gateway_state(self) -> None:
         """What the driver has set, retained on `gateway/state` (also called by the driver's
@@ -673,7 +704,7 @@ class Configurator:
         (`again`: even when nothing changed, so that the agent applies it once more)."""
         previous = record.config.items if record.config else []
         try:
-            plan = evaluate(record.info, self._view(record.device_id), previous)
+            plan = evaluate(record.info, self._view(record.device_id), previous, self.profile_source(record.info))
         except PlanError as exc:
             self.event("device.unplanned", Severity.ERROR, device_id=record.device_id, reason=str(exc))
             return record.model_copy(update={"state": advance(record.state, Event.PLAN_FAILED),

@@ -102,6 +102,34 @@ class GatewayDriverSettings(Section):
     every device is re-planned in it (docs/renumbering.md)."""
 
 
+class CloudSettings(Section):
+    """The link to the operator's cloud servers (docs/cloud.md); the home works without it."""
+
+    url: Annotated[str, Field(pattern=r"^https?://[^/\s]+(/.*)?$")]
+    """Base URL of `homenet cloud run` (https in production; the home always opens the connection)."""
+    home_id: Annotated[str, Field(pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")]
+    """This home's identity at the cloud, with the configurator's key: a replacement gateway
+    given both (and the key file) restores the home from its backup."""
+    region: str = ""
+    """Where the home is, for failures the operator publishes by region."""
+    public_key: str | None = None
+    """The cloud's signing key (base64); None: pinned from its first reply."""
+    cafile: Path | None = None
+    """For an https:// URL: the certificate authority to trust instead of the system's."""
+    lookup_timeout: float = Field(default=1.5, gt=0, le=10)
+    """Longest a registration waits for an equipment profile before the built-in one is used."""
+    retry: float = Field(default=10.0, gt=0)
+    """Seconds without a lookup once the cloud did not answer (later ones use the built-in at once)."""
+    poll_wait: float = Field(default=20.0, gt=0, le=30)
+    """Seconds a failure-information long-poll is held open by the server."""
+    backup_interval: float = Field(default=5.0, gt=0)
+    """Seconds between configuration backups while something changed."""
+    restore: bool = True
+    """A configurator starting on an empty database restores the home's backup first."""
+    quality_interval: float = Field(default=3600.0, gt=0)
+    """Seconds between quality checks of every device with a port forward (also after each config)."""
+
+
 class ConfiguratorSettings(Section):
     broker: BrokerUrlText = "mqtt://127.0.0.1:1883"
     root: str = DEFAULT_ROOT
@@ -135,6 +163,8 @@ class ConfiguratorSettings(Section):
     says (docs/reliability.md): correct it and report it, or only report it (`events`)."""
     reconcile_interval: float = Field(default=60.0, gt=0)
     """Seconds between reconciliations of every device (also run on every connect to the broker)."""
+    cloud: CloudSettings | None = None
+    """The operator's cloud servers; None: none (the home works exactly the same)."""
 
     @field_validator("dynsec_admin_password_file")
     @classmethod
@@ -195,6 +225,7 @@ class AgentSettings(Section):
     device_id: str | None = None
     device_type: str = "generic"
     model: str = ""
+    maker: str = ""
     data_dir: Path = Field(default_factory=lambda: default_data_dir("agent"))
     executor: Literal["auto", "simulated", "iproute2", "networkmanager"] = "auto"
     """How config items are carried out. `auto` picks `iproute2` (changes the system over

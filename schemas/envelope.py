@@ -14,7 +14,7 @@ import json
 import uuid
 from decimal import Decimal
 from datetime import datetime, timezone
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import rfc8785
@@ -79,9 +79,11 @@ def canonical(obj: Any) -> bytes:
 
 
 def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None = None,
-           sign: Callable[[bytes], bytes] | None = None) -> tuple[str, bytes]:
-    """Wrap a body in an envelope, signed when `sign` is given; return (message id, payload)."""
-    if BODIES.get(kind) is not type(body):
+           sign: Callable[[bytes], bytes] | None = None,
+           bodies: Mapping[str, type[Model]] = BODIES) -> tuple[str, bytes]:
+    """Wrap a body in an envelope, signed when `sign` is given; return (message id, payload).
+    `bodies`: the contract's kinds (the cloud link has its own, schemas/cloud.py)."""
+    if bodies.get(kind) is not type(body):
         raise ContractError(f"kind {kind!r} does not carry a {type(body).__name__}")
     msg_id = msg_id or uuid.uuid4().hex
     envelope = {
@@ -115,7 +117,7 @@ def _describe(exc: ValidationError) -> str:
 
 
 def decode(payload: bytes, *, expected_kind: str | None = None,
-           max_size: int = MAX_PAYLOAD) -> tuple[Envelope, Model]:
+           max_size: int = MAX_PAYLOAD, bodies: Mapping[str, type[Model]] = BODIES) -> tuple[Envelope, Model]:
     """Parse and validate a payload; raise ContractError naming the first things wrong."""
     if len(payload) > max_size:
         raise ContractError(f"payload of {len(payload)} bytes is over the {max_size}-byte limit")
@@ -129,7 +131,7 @@ def decode(payload: bytes, *, expected_kind: str | None = None,
         envelope = Envelope.model_validate(raw)
     except ValidationError as exc:
         raise ContractError(f"bad envelope: {_describe(exc)}") from None
-    model = BODIES.get(envelope.kind)
+    model = bodies.get(envelope.kind)
     if model is None:
         raise ContractError(f"unknown kind {envelope.kind!r}")
     if expected_kind is not None and envelope.kind != expected_kind:

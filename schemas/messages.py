@@ -66,6 +66,8 @@ class DeviceInfo(Model):
         "What the device is: iptv-stb, nas, media-player, game-console, smart-speaker, camera, generic, "
         "...; picks the policy profile."))]
     model: Annotated[str, Field(max_length=128, description="The maker's model name, for people.")] = ""
+    maker: Annotated[str, Field(max_length=64, description=(
+        "Who made the device: with `model`, the key of its equipment profile on the cloud's service server."))] = ""
     hostname: Annotated[str, Field(max_length=253, description="The device's host name.")] = ""
     agent_version: Annotated[str, Field(max_length=32, description="The agent's software version.")] = ""
     capabilities: list[Annotated[str, Field(max_length=64)]] = Field(

@@ -1,0 +1,115 @@
+"""Who may talk to the cloud: each home is known by its configurator's Ed25519 key.
+
+A home's first request (`cloud.hello`) binds its id to the key that signed it (trust on first
+use, as the home does with its devices); every later request must be signed by that key.
+Replay protection is by `seq`: a home sends several requests at once (a long-poll is open while
+a report goes out), so they may arrive out of order; a seq is accepted once, and only within a
+window below the highest seen (as IPsec's anti-replay window), never by time.
+The cloud signs its replies with its own key, kept in the database so that every server
+process signs with the same one.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import sqlalchemy as sa
+from nacl.signing import SigningKey
+from sqlalchemy.engine import Connection
+
+from homenet.keys import KeyPair
+from homenet.schemas import Envelope, signed_by
+from homenet.schemas.cloud import Hello
+from homenet.schemas.signing import b64, fingerprint, unb64
+
+from .db import Migration, create, metadata, migrations, server_meta
+
+REPLAY_WINDOW = 256
+"""How far below the highest seq a home has used a late request may still arrive."""
+
+homes = sa.Table(
+    "homes", metadata,
+    sa.Column("home_id", sa.String(64), primary_key=True),
+    sa.Column("public_key", sa.String(64), nullable=False),
+    sa.Column("region", sa.String(64), nullable=False, server_default=""),
+    sa.Column("high_seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("created", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
+)
+seen = sa.Table(
+    "seen_seqs", metadata,
+    sa.Column("home_id", sa.String(64), primary_key=True),
+    sa.Column("seq", sa.BigInteger, primary_key=True),
+)
+migrations("homes", Migration(1, create(homes, seen)))
+
+
+class Refused(Exception):
+    """A request the cloud does not serve; `status` is the HTTP status, the text the reason."""
+
+    def __init__(self, status: int, reason: str) -> None:
+        super().__init__(reason)
+        self.status = status
+
+
+@dataclass(frozen=True)
+class Home:
+    home_id: str
+    public_key: str
+    region: str
+    peer: str = ""
+    """The address the request came from: the home's WAN address (or its NAT's)."""
+
+
+def authenticate(conn: Connection, envelope: Envelope, body: object) -> Home:
+    """The home that sent this signed request, after its signature and seq are checked and the
+    seq recorded (in `conn`'s transaction: a refused request leaves nothing behind)."""
+    row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender)).first()
+    if isinstance(body, Hello):
+        key = unb64(body.public_key)
+        if key is None or len(key) != 32:
+            raise Refused(400, "cloud.hello without a valid Ed25519 public_key")
+        if not signed_by(envelope, key):
+            raise Refused(401, f"bad or missing signature: cloud.hello not signed by the key it carries "
+                               f"({fingerprint(key)})")
+        if row is None:
+            conn.execute(homes.insert().values(home_id=envelope.sender, public_key=body.public_key,
+                                               region=body.region))
+            row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender)).one()
+        elif row.public_key != body.public_key:
+            raise Refused(403, f"another key ({fingerprint(unb64(row.public_key) or b'')}) is bound to "
+                               f"home {envelope.sender!r}")
+        elif row.region != body.region:
+            conn.execute(homes.update().where(homes.c.home_id == row.home_id).values(region=body.region))
+    elif row is None:
+        raise Refused(403, f"unknown home {envelope.sender!r}: it must send cloud.hello first")
+    elif not signed_by(envelope, unb64(row.public_key)):
+        raise Refused(401, f"bad or missing signature: {envelope.kind} not signed by the key bound to home "
+                           f"{envelope.sender!r}")
+    _check_seq(conn, row.home_id, row.high_seq, envelope.seq)
+    return Home(row.home_id, row.public_key, body.region if isinstance(body, Hello) else row.region)
+
+
+def _check_seq(conn: Connection, home_id: str, high: int, seq: int) -> None:
+    replay = Refused(409, f"replayed or out of order: seq {seq} from home {home_id!r} was already used "
+                          f"or is too far below {high}, the highest seen")
+    if seq <= high - REPLAY_WINDOW:
+        raise replay
+    try:
+        with conn.begin_nested():
+            conn.execute(seen.insert().values(home_id=home_id, seq=seq))
+    except sa.exc.IntegrityError:
+        raise replay from None
+    if seq > high:
+        conn.execute(homes.update().where(homes.c.home_id == home_id, homes.c.high_seq < seq).values(high_seq=seq))
+        if seq % 64 == 0:  # the window's tail is no longer needed
+            conn.execute(seen.delete().where(seen.c.home_id == home_id, seen.c.seq <= seq - REPLAY_WINDOW))
+
+
+def server_key(conn: Connection) -> KeyPair:
+    """The cloud's signing key, made once (under the migration lock) and shared by every process."""
+    value = conn.execute(sa.select(server_meta.c.value).where(server_meta.c.name == "signing_key")).scalar()
+    if value is None:
+        seed = bytes(SigningKey.generate())
+        conn.execute(server_meta.insert().values(name="signing_key", value=b64(seed)))
+        return KeyPair(SigningKey(seed))
+    return KeyPair(SigningKey(unb64(value)))

@@ -1,0 +1,38 @@
+"""`homenet cloud run`: the four roles in one ASGI app, over SQLite or PostgreSQL.
+
+Each role is one module with its own tables, migrations and routes; this module only puts them
+together. Run as many processes as the database allows, on one machine or many, behind any
+HTTP load balancer: they share nothing but the database (docs/cloud.md).
+"""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import uvicorn
+from sqlalchemy.engine import Engine
+from starlette.applications import Starlette
+
+from . import diagnosis, failure, quality, service
+from .api import Api
+from .db import engine, migrate, url_of
+
+ROLES = (service, quality, failure, diagnosis)
+log = logging.getLogger(__name__)
+
+
+def make_api(eng: Engine, operator_token: str | None = None) -> Api:
+    migrate(eng)
+    return Api(eng, [r for m in ROLES for r in m.HOME_ROUTES], [r for m in ROLES for r in m.OPERATOR_ROUTES],
+               operator_token)
+
+
+def app_for(database: str | None, data_dir: Path, operator_token: str | None = None) -> Starlette:
+    return make_api(engine(url_of(database, data_dir / "cloud.db")), operator_token).app()
+
+
+def serve(app: Starlette, host: str, port: int, verbose: bool = False) -> None:
+    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
+                            access_log=verbose, timeout_graceful_shutdown=5)
+    uvicorn.Server(config).run()
