@@ -29,12 +29,15 @@ def derive_device_id(collector: Collector) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", collector.hostname())[:63].strip("-._") or "device"
 
 
-def open_device(settings: AgentSettings) -> Device:
-    """The executor follows AgentSettings.executor; `auto` is `iproute2` where it can work."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def open_device(settings: AgentSettings, *, read_only: bool = False) -> Device:
+    """The executor follows AgentSettings.executor; `auto` is `iproute2` where it can work.
+    `read_only` (a command that only prints): nothing is created or written, and a device
+    that has never run has no key yet."""
+    if not read_only:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = StateFile(settings.data_dir)
     device_id = settings.device_id or state.state.device_id or derive_device_id(LinuxCollector())
-    if state.state.device_id != device_id:
+    if state.state.device_id != device_id and not read_only:
         state.update(device_id=device_id)
     executor: Executor
     collector: Collector
@@ -47,7 +50,8 @@ def open_device(settings: AgentSettings) -> Device:
         collector = LinuxCollector()
         # a port mapping given to the agent is for the router's IGD (a third-party gateway)
         executor = upnp.UpnpExecutor(_real_executor(settings), settings.data_dir, settings.upnp_lease)
-    key = KeyPair.load_or_create(settings.data_dir / "agent.key")
+    key_file = settings.data_dir / "agent.key"
+    key = KeyPair.load_or_create(key_file) if not read_only or key_file.exists() else None
     pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
     return Device(settings, device_id, state, collector, executor, key, pinned)
 

@@ -100,5 +100,6 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
 @click.option("--device-type")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 def info(config: Path | None, **flags: object) -> None:
-    """Print the device info this agent would register, as JSON."""
-    click.echo(open_device(_settings(config, **flags)).info().model_dump_json(indent=2))
+    """Print the device info this agent would register, as JSON (writes nothing: before the
+    first `run` there is no key yet, and `public_key` is null)."""
+    click.echo(open_device(_settings(config, **flags), read_only=True).info().model_dump_json(indent=2))

@@ -74,6 +74,9 @@ class Agent:
         IPv4 change; only IPv4 ones count, with the broker URL's host when it is IPv4.
         `cafile`: for TLS, the one certificate trusted (the pinned gateway certificate)."""
         self.cafile = cafile
+        if device.key is None:
+            raise ValueError("a device opened read-only has no key to run with")
+        self.key = device.key
         settings, state = device.settings, device.state
         self.device = device
         self.settings = settings
@@ -153,7 +156,7 @@ class Agent:
         self.client.loop_stop()
 
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
-        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
+        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.key.sign)
         self.client.publish(self._topic(channel), payload, qos=1, retain=retain)
         return msg_id, payload
 
@@ -255,7 +258,7 @@ class Agent:
         else:
             log.warning("registration %s: %s", reply.status.value, reply.reason)
             if reply.status == RegisterStatus.PENDING:
-                log.warning("pairing code of this device: %s", pairing_code(self.device.key.public))
+                log.warning("pairing code of this device: %s", pairing_code(self.key.public))
 
     def _on_config(self, msg: paho.MQTTMessage) -> None:
         if not msg.payload:  # a cleared retained config
