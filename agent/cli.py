@@ -61,7 +61,10 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
-    listener, found = _discover(device) if settings.broker is None else (None, None)
+    listener, found = _discover(device, done) if settings.broker is None else (None, None)
+    if listener and not found:  # stopped while discovering
+        listener.close()
+        return
     try:
         agent = build(settings, broker=found.broker if found else None, device=device,
                       verify=found.verify if found else None, fingerprint=found.fingerprint if found else None)
@@ -76,8 +79,9 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
         listener.close()
 
 
-def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
-    """Find the broker from the beacon; the listener is kept, for the agent to follow later beacons."""
+def _discover(device: Device, stop: threading.Event) -> tuple[BeaconListener, Discovery | None]:
+    """Find the broker from the beacon (None: `stop` came first); the listener is kept, for
+    the agent to follow later beacons."""
     from homenet.l2 import NoRawSocket
 
     from .bootstrap import BeaconListener
@@ -89,7 +93,9 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"discovery: {exc}") from None
-    found = listener.discover()
+    found = listener.discover(stop=stop)
+    if found is None:
+        return listener, None
     click.echo(f"found the gateway's broker at {found.broker} (beacon on {found.iface})", err=True)
     return listener, found
 
