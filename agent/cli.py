@@ -13,6 +13,7 @@ from homenet import logs
 from homenet.settings import AgentSettings, SettingsError, load
 
 from .app import Device, build, open_device
+from .instance import DuplicateAgent, claim
 
 if TYPE_CHECKING:  # imported when discovery runs: an agent given --broker never loads psutil for it
     from .bootstrap import BeaconListener, Discovery
@@ -61,6 +62,10 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
+    try:
+        held = claim(device.device_id)  # before any connection: a duplicate must not disturb the first
+    except DuplicateAgent as exc:
+        raise click.ClickException(str(exc)) from None
     listener, found = _discover(device, done) if settings.broker is None else (None, None)
     if listener and not found:  # stopped while discovering
         listener.close()
@@ -77,6 +82,7 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     agent.stop()
     if listener:
         listener.close()
+    held.close()
 
 
 def _discover(device: Device, stop: threading.Event) -> tuple[BeaconListener, Discovery | None]:

@@ -136,6 +136,7 @@ class Agent:
             if self._stop.is_set():
                 return
             old, self.client = self.client, self._new_client()
+        old.on_disconnect = None  # left on purpose: not a loss of the broker to report
         old.disconnect()
         _bounded(old.loop_stop, STOP_WAIT)
         self._connect()
