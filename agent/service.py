@@ -16,7 +16,11 @@ out when the device's interfaces or addresses change.
 An agent that found the broker by the beacon follows the later beacons (`follow`): an IPv4
 change is verified against the gateway's addresses the newest beacon names, and when the
 address the agent is connected to is no longer among them (the LAN was renumbered), it
-connects again to the endpoint the beacon leads to (docs/renumbering.md).
+connects again to the endpoint the beacon leads to (docs/renumbering.md). A beacon with a
+higher epoch than the one that led to the broker says the gateway restarted (it claims a new
+epoch at every start): after a power cut no FIN or RST reaches the device and its connection
+would look alive until the keepalive ran out, so it connects again at once
+(docs/reliability.md, Power cut).
 
 Before applying, the executor's checkpoint and the config are saved (the apply journal,
 `AgentState.applying`); the write that saves the result drops it. An agent that finds the
@@ -98,6 +102,8 @@ class Agent:
         self.broker = broker
         self.verify_endpoints = ipv4_endpoints(broker, verify or ())
         self._rolled_back_version = 0
+        self._gateway_epoch = state.state.beacon_epoch
+        """The epoch of the beacon that led to the broker: the gateway claims a new one each time it starts."""
         self._seq = SequenceCounter(state.state.seq_reserved, lambda c: state.update(seq_reserved=c))
         self._lock = threading.Lock()
         self._life = threading.Lock()
@@ -155,12 +161,18 @@ class Agent:
     def follow(self, found: Discovery) -> None:
         """A newer beacon: the gateway's addresses as they are now (called by the beacon listener)."""
         moved = not found.names(self.broker.host)
-        if moved:  # the address in use is gone from the gateway: the LAN was renumbered
+        restarted = found.beacon.epoch > self._gateway_epoch
+        if restarted:  # a power cut sends no FIN: the old connection would look alive until the keepalive
+            log.warning("the gateway restarted (its beacon's epoch is %d, was %d): connecting again to %s now",
+                        found.beacon.epoch, self._gateway_epoch, found.broker)
+            self._gateway_epoch = found.beacon.epoch
+        elif moved:  # the address in use is gone from the gateway: the LAN was renumbered
             log.warning("the gateway no longer has %s; connecting to %s", self.broker.host, found.broker)
+        if moved or restarted:
             self.broker = found.broker
         if found.verify:  # in place: an apply verifying right now tries the new endpoints
             self.verify_endpoints[:] = ipv4_endpoints(self.broker, found.verify)
-        if moved:
+        if moved or restarted:
             threading.Thread(target=self._reconnect, daemon=True).start()
 
     # --- running ---------------------------------------------------------------------------
