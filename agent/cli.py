@@ -13,6 +13,7 @@ from homenet import logs
 from homenet.settings import AgentSettings, SettingsError, load
 
 from .app import Device, build, open_device
+from .instance import DuplicateAgent, claim
 
 if TYPE_CHECKING:  # imported when discovery runs: an agent given --broker never loads psutil for it
     from .bootstrap import BeaconListener, Discovery
@@ -61,7 +62,14 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
-    listener, found = _discover(device) if settings.broker is None else (None, None)
+    try:
+        held = claim(device.device_id)  # before any connection: a duplicate must not disturb the first
+    except DuplicateAgent as exc:
+        raise click.ClickException(str(exc)) from None
+    listener, found = _discover(device, done) if settings.broker is None else (None, None)
+    if listener and not found:  # stopped while discovering
+        listener.close()
+        return
     try:
         agent = build(settings, broker=found.broker if found else None, device=device,
                       verify=found.verify if found else None, fingerprint=found.fingerprint if found else None)
@@ -74,10 +82,12 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     agent.stop()
     if listener:
         listener.close()
+    held.close()
 
 
-def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
-    """Find the broker from the beacon; the listener is kept, for the agent to follow later beacons."""
+def _discover(device: Device, stop: threading.Event) -> tuple[BeaconListener, Discovery | None]:
+    """Find the broker from the beacon (None: `stop` came first); the listener is kept, for
+    the agent to follow later beacons."""
     from homenet.l2 import NoRawSocket
 
     from .bootstrap import BeaconListener
@@ -89,7 +99,9 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"discovery: {exc}") from None
-    found = listener.discover()
+    found = listener.discover(stop=stop)
+    if found is None:
+        return listener, None
     click.echo(f"found the gateway's broker at {found.broker} (beacon on {found.iface})", err=True)
     return listener, found
 
@@ -100,5 +112,6 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
 @click.option("--device-type")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 def info(config: Path | None, **flags: object) -> None:
-    """Print the device info this agent would register, as JSON."""
-    click.echo(open_device(_settings(config, **flags)).info().model_dump_json(indent=2))
+    """Print the device info this agent would register, as JSON (writes nothing: before the
+    first `run` there is no key yet, and `public_key` is null)."""
+    click.echo(open_device(_settings(config, **flags), read_only=True).info().model_dump_json(indent=2))

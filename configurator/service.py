@@ -193,6 +193,7 @@ class Configurator:
     def _caught_up(self) -> None:
         """After every (re)connect: announce, re-plan once after start, republish the rest."""
         self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
+        self._presume_offline()
         sent: set[str] = set()
         if not self._replanned:  # the LAN or the policy may have changed while we were down
             self._replanned = True
@@ -208,6 +209,17 @@ class Configurator:
         self._reconcile_all()
         self._later(log.info, "configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self._later(self.connected.set)
+
+    def _presume_offline(self) -> None:
+        """Nobody is online until it says so on this connection. While the configurator was
+        away (a restart, a power cut) devices may have gone, and a broker that restarted sends
+        no wills for them: the `status` each connected agent keeps retained, or publishes when
+        it connects again, marks it online once more (it comes after this, in order)."""
+        stale = [r for r in self.store.all() if r.online]
+        for record in stale:
+            self._put(record.model_copy(update={"online": False}))
+        if stale:
+            self._later(log.info, "%d devices shown offline until they say they are online again", len(stale))
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.connected.clear()

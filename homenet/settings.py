@@ -232,7 +232,9 @@ class AgentSettings(Section):
     netlink) when the agent runs on Linux with CAP_NET_ADMIN in effect (root, or a unit with
     `AmbientCapabilities=CAP_NET_ADMIN`) and reports the real interfaces (collector `linux`);
     otherwise `simulated`, which only records the settings: an agent that cannot change the
-    network, or pretends to be another device, must not try."""
+    network, or pretends to be another device, must not try. The simulated executor always
+    reports what it recorded on a simulated interface (the simulated collector): the real
+    interfaces never get those settings, and reporting them would be drift forever."""
     collector: Literal["linux", "simulated"] = "linux"
     resolv_conf: Path = Path("/etc/resolv.conf")
     """Where the `iproute2` executor writes the DNS servers of an `ipv4` item."""
