@@ -169,7 +169,10 @@ class Agent:
 
     def start(self) -> None:
         """Resume an interrupted apply, then connect; in the background, so that a stop is
-        prompt in every state."""
+        prompt in every state. An agent stopped may be started again."""
+        with self._life:
+            self._stop.clear()
+
         def begin() -> None:
             self._resume_apply()  # first: settings half applied may be what keeps the broker away
             self._seq.reserve()  # the disk sync before connecting, not between CONNACK and register

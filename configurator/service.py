@@ -123,10 +123,9 @@ class Configurator:
         self.client.on_message = self._on_message
         self._handlers: dict[str, Callable[[str, Envelope, Any, DeviceRecord | None], None]] = {
             "register": self._on_register, "config.result": self._on_result, "info": self._on_info}
-        # Extensions (configurator/cloudlink.py): started and stopped with the service, told
-        # every event after its commit, and asked for a model's own profile when planning.
+        # Extensions started and stopped with the service (configurator/cloudlink.py; it hears
+        # what was committed on `bus`), and asked for a model's own profile when planning.
         self.extensions: list[Extension] = []
-        self.listeners: list[Callable[[EventBody], None]] = []
         self.profile_source: Callable[[DeviceInfo], Profile | None] = lambda _info: None
         for record in store.all():  # a fresh gateway (reboot, new driver) is caught up at once
             if record.config:
@@ -338,8 +337,6 @@ class Configurator:
                          sender=sender, reason=reason, detail=detail)
         self._publish(self.topics.events, "event", body)
         self._later(self.bus.emit, body)
-        for listener in self.listeners:
-            self._later(listener, body)
 
     def publish_gateway_state(self) -> None:
         """What the driver has set, retained on `gateway/state` (also called by the driver's

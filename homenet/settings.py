@@ -120,7 +120,7 @@ class CloudSettings(Section):
     """Longest a registration waits for an equipment profile before the built-in one is used."""
     retry: float = Field(default=10.0, gt=0)
     """Seconds without a lookup once the cloud did not answer (later ones use the built-in at once)."""
-    poll_wait: float = Field(default=20.0, gt=0, le=30)
+    poll_wait: int = Field(default=20, gt=0, le=30)
     """Seconds a failure-information long-poll is held open by the server."""
     backup_interval: float = Field(default=5.0, gt=0)
     """Seconds between configuration backups while something changed."""

@@ -36,7 +36,7 @@ class Home:
     lan: Namespace | None = None
     """The namespace whose br0 the devices plug into: `gw` unless the LAN is another box's
     (a third-party router)."""
-    start_gateway: Callable[[], subprocess.Popen[str]] | None = None
+    restart_gateway: Callable[[], subprocess.Popen[str]] | None = None
     """Starts `homenet gateway run` (again) as `start_home` did; its output goes on in gateway.log."""
 
     @property
@@ -93,7 +93,7 @@ def start_home(lab: Lab, tmp: Path, lan: str = "192.168.50", tls: bool = False) 
                         *listeners, "--beacon-interface", "br0",
                         stdout=(tmp / "gateway.log").open("a"), stderr=subprocess.STDOUT)
     start_gateway()
-    return Home(lab, gw, tmp, start_gateway=start_gateway)
+    return Home(lab, gw, tmp, restart_gateway=start_gateway)
 
 
 @pytest.fixture
