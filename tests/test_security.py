@@ -194,7 +194,8 @@ def test_a_known_id_with_another_key_is_refused_with_an_alert(gateway: Gateway) 
     record = gateway.wait_configured("dev-k")
     impostor = gateway.agent("nas", "dev-k", start=False)
     impostor.device.state.update(seq_reserved=10**6)  # not a replay: only the key differs
-    object.__setattr__(impostor.device, "key", KeyPair.generate())
+    impostor.key = KeyPair.generate()  # what the agent signs with (and names in its register)
+    object.__setattr__(impostor.device, "key", impostor.key)
     impostor.start()
     event = gateway.watcher.wait_event("device.key_mismatch", device_id="dev-k")
     assert event["severity"] == "error" and "homenet devices reset dev-k" in event["reason"]
