@@ -39,7 +39,7 @@ from homenet.accounts import AccountError, AccountStore
 from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
-from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
+from homenet.schemas.signing import b64, canonical_pairing_code, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
                                       Event as EventBody, ItemStatus, Model,
@@ -122,6 +122,11 @@ class Configurator:
         self._ticker.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
+
+    def problem(self) -> str | None:
+        """What keeps this configurator from serving, for a watchdog: None while its threads run."""
+        dead = [t.name for t in (self._worker, self._ticker) if not t.is_alive()]
+        return f"configurator thread {', '.join(dead)} ended" if dead else None
 
     def stop(self) -> None:
         """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
@@ -409,7 +414,10 @@ class Configurator:
         return {"device_id": record.device_id}
 
     def _pair(self, command: Command) -> dict[str, Any]:
-        code = command.code.strip()
+        try:
+            code = canonical_pairing_code(command.code)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
         waiting = [r for r in self.store.all() if r.state == State.PENDING and r.public_key
                    and pairing_code(unb64(r.public_key) or b"") == code]
         if len(waiting) != 1:
