@@ -55,7 +55,7 @@ def open_device(settings: AgentSettings) -> Device:
 def _real_executor(settings: AgentSettings) -> Executor:
     """`auto`: NetworkManager when it runs (it would undo changes made behind its back), else
     iproute2 with CAP_NET_ADMIN, else simulated."""
-    from . import iproute2, networkmanager
+    from . import dns, iproute2, networkmanager
 
     choice = settings.executor
     if choice == "auto":
@@ -64,7 +64,7 @@ def _real_executor(settings: AgentSettings) -> Executor:
     if choice == "networkmanager":
         return networkmanager.NetworkManagerExecutor()
     if choice == "iproute2":
-        return iproute2.Iproute2Executor(settings.resolv_conf)
+        return iproute2.Iproute2Executor(dns.detect(settings.resolv_conf))
     return SimulatedExecutor(settings.data_dir)
 
 

@@ -18,7 +18,7 @@ from .table import device_detail, device_table
 
 CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
                       help="TOML settings file.")
-DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False, readable=False),
                         help="Directory of the configuration database.")
 
 

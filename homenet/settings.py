@@ -218,8 +218,10 @@ class AgentSettings(Section):
     otherwise `simulated`, which only records the settings: an agent that cannot change the
     network, or pretends to be another device, must not try."""
     collector: Literal["linux", "simulated"] = "linux"
-    resolv_conf: Path = Path("/etc/resolv.conf")
-    """Where the `iproute2` executor writes the DNS servers of an `ipv4` item."""
+    resolv_conf: Path | None = None
+    """A file the `iproute2` executor writes the DNS servers of an `ipv4` item to. None: the
+    host's way, systemd-resolved, resolvconf, or /etc/resolv.conf where it may be written
+    (agent/dns.py); never the host's file from inside another network namespace."""
     apply_deadline: float = Field(default=15.0, gt=0, le=30)
     """Seconds the broker has to answer on changed IPv4 settings before they are rolled back.
     The check holds up the MQTT loop, so it stays under the 30 s keepalive."""
