@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from homenet import logs
+from homenet import DISTRIBUTION, logs
 from homenet.settings import AgentSettings, SettingsError, load
 
 from .app import Device, build, open_device
@@ -20,7 +20,7 @@ if TYPE_CHECKING:  # imported when discovery runs: an agent given --broker never
 
 
 @click.group()
-@click.version_option(package_name="homenet")
+@click.version_option(package_name=DISTRIBUTION)
 def main() -> None:
     """homenet configured agent (IEC 62608): registers this device and applies its configuration."""
 
@@ -48,10 +48,9 @@ def _settings(config: Path | None, **flags: object) -> AgentSettings:
               help="How settings are applied: iproute2 (netlink), simulated (recorded only), or auto "
               "(default: iproute2 on Linux with CAP_NET_ADMIN and the linux collector, else simulated).")
 @click.option("--root", help="Topic root (default homenet/v1).")
-@click.option("--verbose", "-v", is_flag=True)
-def run(config: Path | None, verbose: bool, **flags: object) -> None:
+@logs.options
+def run(config: Path | None, **flags: object) -> None:
     """Run the agent until SIGINT/SIGTERM."""
-    logs.setup(verbose)
     settings = _settings(config, **flags)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):

@@ -249,7 +249,9 @@ class Agent:
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.registered.clear()
         if not self._stop.is_set():
-            log.warning("disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
+            # a normal disconnection is the agent's own (e.g. to log in with a new account)
+            log.log(logging.WARNING if reason.is_failure else logging.INFO,
+                    "disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
             self.waiting.on(f"the broker at {self.broker} to accept the connection again")
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:

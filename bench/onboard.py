@@ -438,7 +438,7 @@ def run_onboard(count: int, brokers: list[str]) -> None:
         raise click.BadParameter("at least 2 onboardings are needed for a p99", param_hint="--count")
     if "mosquitto" in brokers and Mosquitto.binary() is None:
         raise click.ClickException("mosquitto is not installed (Debian package 'mosquitto')")
-    logs.setup(verbose=False)
+    logs.setup()
     logging.getLogger("homenet").setLevel(logging.WARNING)  # INFO lines per message would be timed too
     click.echo(f"homenet {__version__} bench onboard: {count} sequential onboardings per path "
                f"(+{WARMUP} warm-up), device type {DEVICE_TYPE}; "

@@ -4,24 +4,22 @@ from __future__ import annotations
 
 import asyncio
 import signal
-import subprocess
 import threading
 from pathlib import Path
 from typing import Any
 
 import click
 
-from homenet import logs
-from homenet.settings import (ConfiguratorSettings, GatewaySettings, SettingsError, load)
+from homenet import DISTRIBUTION, logs, sdnotify
+from homenet.settings import BrokerSettings, ConfiguratorSettings, GatewaySettings, SettingsError, load
 
 from .app import db_path
 from .table import device_detail, device_table
 
 CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
                       help="TOML settings file.")
-DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False, readable=False),
                         help="Directory of the configuration database.")
-VERBOSE = click.option("--verbose", "-v", is_flag=True)
 
 
 def _load(model: Any, config: Path | None, **flags: object) -> Any:
@@ -58,7 +56,7 @@ async def _until_signal_or(died: Any, message: str) -> None:
 
 
 @click.group()
-@click.version_option(package_name="homenet")
+@click.version_option(package_name=DISTRIBUTION)
 def main() -> None:
     """homenet gateway: IEC 62608 configurator and embedded MQTT broker."""
 
@@ -87,11 +85,18 @@ def gateway() -> None:
 @click.option("--no-plain", is_flag=True, help="No plain-TCP listener: TLS only.")
 @click.option("--beacon-interface", "beacon", multiple=True,
               help="LAN interface to send the Layer-2 beacon on, e.g. br0 (repeatable).")
-@VERBOSE
+@logs.options
 def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...], tls_listen: tuple[str, ...],
-                no_plain: bool, beacon: tuple[str, ...], verbose: bool) -> None:
+                no_plain: bool, beacon: tuple[str, ...]) -> None:
     """Run the broker (embedded amqtt, or Mosquitto as a child: `[broker] engine`) and the
-    configurator (and the beacon) until SIGINT/SIGTERM."""
+    configurator (and the beacon) until SIGINT/SIGTERM. Under systemd (Type=notify) READY=1 is
+    sent once the broker listens and the configurator is online on it, and the watchdog is
+    pinged while both answer."""
+    settings: GatewaySettings = _load(GatewaySettings, config, **{
+        "configurator.data_dir": data_dir, "broker.listeners": [] if no_plain else (list(listen) or None),
+        "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
+    _preflight("homenet gateway run", settings)
+
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.mosquitto import EngineMissing, MosquittoEngine, choose_engine
     from homenet.broker.server import EmbeddedBroker
@@ -101,10 +106,6 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from .extensions import Extensions
     from .extensions.http import HttpError
 
-    logs.setup(verbose)
-    settings: GatewaySettings = _load(GatewaySettings, config, **{
-        "configurator.data_dir": data_dir, "broker.listeners": [] if no_plain else (list(listen) or None),
-        "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
     try:
         engine = choose_engine(settings.broker.engine)
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
@@ -118,21 +119,22 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
 
     async def serve() -> None:
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings)) if child is None else None
-        if broker is not None:
-            await broker.start()
-        elif child is not None:
-            try:
+        try:
+            if broker is not None:
+                await broker.start()
+            elif child is not None:
                 child.start()
-            except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
-                raise click.ClickException(f"broker: {exc}") from None
+        except Exception as exc:  # amqtt raises BrokerError, wrapping the OSError of a failed bind
+            raise click.ClickException(f"broker: {exc}") from None
         configurator = build(conf_settings)
         extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
+        loop = asyncio.get_running_loop()
+        watchdog = sdnotify.Watchdog(lambda: _gateway_problem(loop, configurator))
         sender = None
         try:
             extensions.start()  # before the configurator: nothing it commits is missed
             if settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
-                loop = asyncio.get_running_loop()
 
                 def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
                     if broker is not None:  # Mosquitto has no take-over trap to clear (amqtt-notes.md)
@@ -145,15 +147,20 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                                       renumbered=renumbered)
                 sender.start()
             configurator.start()
+            ready = asyncio.create_task(_ready_when(configurator.connected, f"serving on {', '.join(plain + tls)}"))
+            watchdog.start()
             if child is None:
                 await _until_signal()
             else:
                 await _until_signal_or(child.exited(), "mosquitto exited with status {}; stopping")
+            ready.cancel()
         except HttpError as exc:
             raise click.ClickException(str(exc)) from None
         except (NoRawSocket, OSError) as exc:
             raise click.ClickException(f"beacon: {exc}") from None
         finally:
+            sdnotify.notify("STOPPING=1")
+            watchdog.stop()
             if sender:
                 sender.stop()
             await asyncio.to_thread(configurator.stop)
@@ -164,6 +171,36 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 child.stop()
 
     asyncio.run(serve())
+
+
+def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> None:
+    """Everything that can be checked before anything is made (configurator/preflight.py);
+    `data`: the command writes the data directory."""
+    from . import preflight
+
+    try:
+        preflight.need_gateway_extra(command)
+        preflight.check_binds(settings.broker.listeners + settings.broker.tls_listeners)
+        if data:
+            preflight.check_writable(settings.configurator.data_dir)
+    except preflight.PreflightError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _ready_when(online: threading.Event, status: str) -> None:
+    """READY=1 once the configurator is online on the broker: agents can then be served."""
+    while not online.is_set():
+        await asyncio.sleep(0.05)
+    sdnotify.notify("READY=1", f"STATUS={status}")
+
+
+def _gateway_problem(loop: asyncio.AbstractEventLoop, configurator: Any) -> str | None:
+    """For the watchdog: the broker's event loop answers and the configurator's threads run."""
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
+    except (TimeoutError, RuntimeError):
+        return "the broker's event loop did not answer within 5 s"
+    return configurator.problem()
 
 
 def _port(bind: str) -> int:
@@ -178,23 +215,34 @@ def _secure_gateway(settings: GatewaySettings) -> tuple[Any, ConfiguratorSetting
     if settings.configurator.dynsec_admin:
         raise ValueError("gateway run embeds its own broker: dynsec_admin is for a configurator "
                          "in front of an external Mosquitto (homenet configurator run)")
+    if not settings.broker.listeners and not settings.broker.tls_listeners:
+        raise ValueError("no listener: give --listen or --tls-listen")
     data = settings.configurator.data_dir
-    data.mkdir(parents=True, exist_ok=True)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"data directory {data}: cannot be made: {exc.strerror}") from None
     broker = settings.broker.model_copy(update={
         "accounts_file": settings.broker.accounts_file or data / "broker-accounts.json"})
-    if not broker.listeners and not broker.tls_listeners:
-        raise ValueError("no listener: give --listen or --tls-listen")
     cert = ""
     if broker.tls_listeners:
         broker = broker.model_copy(update={"certfile": broker.certfile or data / "broker-cert.pem",
                                            "keyfile": broker.keyfile or data / "broker-key.pem"})
         cert = fingerprint(ensure_certificate(broker.certfile, broker.keyfile))
-    local = (local_url(broker.listeners[0]) if broker.listeners
-             else local_url(broker.tls_listeners[0]).replace("mqtt://", "mqtts://"))
     configurator = settings.configurator.model_copy(update={
-        "broker": local, "accounts_file": broker.accounts_file,
+        "broker": _local_broker(broker), "accounts_file": broker.accounts_file,
         "broker_cafile": broker.certfile if not broker.listeners else None})
     return broker, configurator, cert
+
+
+def _local_broker(broker: BrokerSettings) -> str:
+    """The URL the gateway's own configurator (and the operator commands) use for the embedded
+    broker: the first plain listener, else the first TLS one."""
+    if broker.listeners:
+        return local_url(broker.listeners[0])
+    if broker.tls_listeners:
+        return local_url(broker.tls_listeners[0]).replace("mqtt://", "mqtts://")
+    raise click.ClickException("no listener: give --listen or --tls-listen")
 
 
 def _topics(settings: ConfiguratorSettings) -> Any:
@@ -211,13 +259,13 @@ def broker() -> None:
 @broker.command("run")
 @CONFIG
 @click.option("--listen", multiple=True, help="Listener bind, e.g. ':::1883' (repeatable).")
-@VERBOSE
-def broker_run(config: Path | None, listen: tuple[str, ...], verbose: bool) -> None:
+@logs.options
+def broker_run(config: Path | None, listen: tuple[str, ...]) -> None:
     """Run only the broker (the configurator can then run elsewhere)."""
-    from homenet.broker.server import EmbeddedBroker
-
-    logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{"broker.listeners": list(listen) or None})
+    _preflight("homenet broker run", settings, data=False)
+
+    from homenet.broker.server import EmbeddedBroker
 
     async def serve() -> None:
         embedded = EmbeddedBroker(settings.broker, _topics(settings.configurator))
@@ -241,16 +289,14 @@ def configurator() -> None:
 @click.option("--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
 @click.option("--standby", is_flag=True, help="Start as a standby: give a primary standby_grace seconds to "
               "appear before taking over (docs/reliability.md).")
-@VERBOSE
-def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, standby: bool,
-                     verbose: bool) -> None:
+@logs.options
+def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, standby: bool) -> None:
     """Run the configurator until SIGINT/SIGTERM; while another configurator on the same data
     directory is online, stand by and take over when it goes offline."""
     from homenet.accounts import AccountError
 
     from .standby import Standby
 
-    logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "configurator.broker": broker})
     stop = threading.Event()
@@ -268,13 +314,17 @@ def devices() -> None:
 
 
 def _store(config: Path | None, data_dir: Path | None) -> Any:
-    from .store import SqliteStore
+    from .store import SqliteStore, StoreError
 
     settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.data_dir": data_dir})
     path = db_path(settings.configurator.data_dir)
-    if not path.exists():
-        raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
-    return SqliteStore(path, read_only=True)
+    try:
+        if not path.exists():
+            raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
+        return SqliteStore(path, read_only=True)
+    except (StoreError, PermissionError) as exc:  # exists() itself fails in a directory one may not enter
+        raise click.ClickException(str(exc) if isinstance(exc, StoreError) else
+                                   f"cannot read {path}: permission denied (run it as the gateway's user or root)") from None
 
 
 @devices.command("list")
@@ -302,14 +352,30 @@ def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> 
         click.echo(cloud)
 
 
-BROKER = click.option("--broker", help="Broker of the running configurator (default: this gateway's).")
+BROKER = click.option("--broker", help="Broker of the running configurator (default: from the settings, "
+                      "as the configurator finds it).")
+
+
+def _checked(what: str) -> Any:
+    """A click callback: the argument is a safe topic level (device ids and user names are)."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        from homenet.schemas.topics import TopicError, check_device_id
+
+        try:
+            return check_device_id(value)
+        except TopicError:
+            raise click.ClickException(f"{what} {value!r} is not valid: 1-63 of A-Z a-z 0-9 . _ -, "
+                                       "starting with a letter or digit") from None
+
+    return check
 
 
 def _device_command(op: str, done: str, help_text: str) -> None:
     """`homenet devices OP DEVICE_ID`, sent to the running configurator."""
 
     @devices.command(op, help=help_text)
-    @click.argument("device_id")
+    @click.argument("device_id", callback=_checked("device id"))
     @CONFIG
     @DATA_DIR
     @BROKER
@@ -333,9 +399,15 @@ _device_command("reset", "reset", "Unbind a device's key (e.g. reinstalled): its
 @DATA_DIR
 @BROKER
 def devices_pair(code: str, config: Path | None, data_dir: Path | None, broker: str | None) -> None:
-    """Let in the waiting device that shows this pairing code (enrollment 'pairing-code')."""
+    """Let in the waiting device that shows this pairing code (enrollment 'pairing-code'):
+    229-670 or 229670."""
     from homenet.schemas.messages import Command
+    from homenet.schemas.signing import canonical_pairing_code
 
+    try:
+        code = canonical_pairing_code(code)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     reply = _command(config, data_dir, broker, Command(op="pair", code=code))
     click.echo(f"paired {reply.result['device_id']}")
 
@@ -346,7 +418,7 @@ def users() -> None:
 
 
 @users.command("add")
-@click.argument("name")
+@click.argument("name", callback=_checked("user name"))
 @click.option("--read-only", is_flag=True, help="May read the whole tree, publish nothing.")
 @CONFIG
 @DATA_DIR
@@ -360,7 +432,7 @@ def users_add(name: str, read_only: bool, config: Path | None, data_dir: Path | 
 
 
 @users.command("remove")
-@click.argument("name")
+@click.argument("name", callback=_checked("user name"))
 @CONFIG
 @DATA_DIR
 @BROKER
@@ -378,12 +450,18 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
 
     settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.broker": broker,
                                                                   "configurator.data_dir": data_dir})
-    url = broker or local_url(settings.broker.listeners[0])
-    secret = settings.configurator.data_dir / ADMIN_SECRET  # present on the gateway itself
-    login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
+    conf = settings.configurator
+    # where the configurator itself connects: `configurator run` to its `broker`, `gateway run`
+    # to its own first listener
+    url = conf.broker if "broker" in conf.model_fields_set else _local_broker(settings.broker)
+    secret = conf.data_dir / ADMIN_SECRET  # present on the gateway itself
     try:
-        reply = send_command(url, command, settings.configurator.root, login,
-                             cafile=settings.configurator.data_dir / "broker-cert.pem")
+        login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
+    except PermissionError:
+        raise click.ClickException(f"cannot read {secret}: permission denied (run it as the gateway's "
+                                   "user or root)") from None
+    try:
+        reply = send_command(url, command, conf.root, login, cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.ok:
@@ -393,12 +471,11 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
 
 @main.command()
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for every device.")
-@VERBOSE
-def demo(timeout: float, verbose: bool) -> None:
+@logs.options
+def demo(timeout: float) -> None:
     """Onboard one simulated device of each built-in type; exit 0 when all confirmed."""
     from .demo import run_demo
 
-    logs.setup(verbose)
     if not run_demo(timeout):
         raise SystemExit(1)
 
@@ -457,7 +534,7 @@ def conformance() -> None:
               help="Seconds the agent has for each answer (register, result, reconnect).")
 @click.option("--quiet-time", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
               help="Seconds the kit watches for an answer that must not come.")
-@VERBOSE
+@click.option("--verbose", "-v", is_flag=True, help="Log what the kit's broker and configurator do (stderr).")
 @click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
 def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verbose: bool,
                       command: tuple[str, ...]) -> None:
@@ -473,7 +550,7 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
     from .conformance import Timing, Verdict, check_agent
 
     if verbose:
-        logs.setup(True)
+        logs.setup("debug", "info")
     else:  # the kit's broker refuses logins on purpose: its log lines are not the verdicts
         logging.getLogger().addHandler(logging.NullHandler())
 

@@ -40,7 +40,7 @@ from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
 from homenet.schemas.results import result_problem
-from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
+from homenet.schemas.signing import b64, canonical_pairing_code, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
                                       Event as EventBody, ItemResult, ItemStatus, Model,
@@ -152,6 +152,11 @@ class Configurator:
     def reconcile_now(self) -> None:
         """Reconcile every device now, correcting what drifted (as `drift` allows)."""
         self.submit(self._reconcile_all)
+
+    def problem(self) -> str | None:
+        """What keeps this configurator from serving, for a watchdog: None while its threads run."""
+        dead = [t.name for t in (self._worker, self._ticker) if not t.is_alive()]
+        return f"configurator thread {', '.join(dead)} ended" if dead else None
 
     def stop(self) -> None:
         """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
@@ -456,7 +461,10 @@ class Configurator:
         return {"device_id": record.device_id}
 
     def _pair(self, command: Command) -> dict[str, Any]:
-        code = command.code.strip()
+        try:
+            code = canonical_pairing_code(command.code)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
         waiting = [r for r in self.store.all() if r.state == State.PENDING and r.public_key
                    and pairing_code(unb64(r.public_key) or b"") == code]
         if len(waiting) != 1:
