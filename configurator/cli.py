@@ -415,10 +415,15 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
 @click.option("--renumber/--no-renumber", default=True, show_default=True,
               help="After each storm, restart the configurator with the LAN moved to another subnet and "
               "time until every device confirmed its new config.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run every storm this many times; then, per broker, in how many every device was confirmed.")
 def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: float, processes: int,
-                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool) -> None:
-    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS."""
+                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool,
+                repeat: int) -> None:
+    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS.
+    Exit status 1 when a device was not confirmed in some run."""
     from homenet.bench.storm import BROKERS, run_storm
 
-    run_storm(list(counts) or [250, 1000, 5000], list(brokers) or BROKERS, timeout, processes,
-              profile, footprint, json_out, keep, renumber)
+    if not run_storm(list(counts) or [250, 1000, 5000], list(brokers) or BROKERS, timeout, processes,
+                     profile, footprint, json_out, keep, renumber, repeat):
+        raise SystemExit(1)
