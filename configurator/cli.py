@@ -87,7 +87,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from homenet.broker.server import EmbeddedBroker
     from homenet.l2 import NoRawSocket
 
-    from .app import build
+    from .app import build, identity
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
@@ -113,7 +113,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 child.start()
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 raise click.ClickException(f"broker: {exc}") from None
-        configurator = build(conf_settings)
+        configurator = build(conf_settings, identity(conf_settings, child.accounts) if child else None)
         sender = None
         try:
             if settings.beacon.interfaces:
