@@ -287,7 +287,9 @@ class Agent:
 
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
         envelope, reply = self._trusted(msg.payload, "register.reply")
-        self._fresh(envelope)
+        # Its seq need not be on disk before this returns: a reply sent again after a restart
+        # answers a registration this process never made (`re` below), so it is refused anyway.
+        self._fresh(envelope, durable=False)
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
@@ -395,15 +397,16 @@ class Agent:
                       "in_force": self.executor.in_force()}
         self._publish("rpc/reply", "rpc.reply", RpcReply(re=envelope.id, ok=True, result=result))
 
-    def _fresh(self, envelope: Envelope) -> None:
-        """A live message must be newer than every one accepted before (persisted): a captured
-        reply or rpc published again is refused. Retained messages (config, configurator/state)
-        come back with their old seq by design; their version and epoch protect them."""
+    def _fresh(self, envelope: Envelope, durable: bool = True) -> None:
+        """A live message must be newer than every one accepted before (persisted: at once, or
+        with the next write when not `durable`): a captured reply or rpc published again is
+        refused. Retained messages (config, configurator/state) come back with their old seq
+        by design; their version and epoch protect them."""
         last = self.state.state.configurator_seq
         if envelope.seq <= last:
             raise ContractError(f"replayed or out of order: {envelope.kind} seq {envelope.seq} "
                                 f"is not above {last}, the last accepted from the configurator")
-        self.state.update(configurator_seq=envelope.seq)
+        (self.state.update if durable else self.state.note)(configurator_seq=envelope.seq)
 
     # --- info ------------------------------------------------------------------------------
 

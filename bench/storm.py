@@ -201,6 +201,8 @@ class StormRun:
     events: dict[str, int] = field(default_factory=dict)
     event_samples: dict[str, str] = field(default_factory=dict)
     store_configured: int | None = None
+    repeat: int = 0
+    """Which of `--repeat` rounds this run was (0 for the first)."""
     load_before: float = field(default_factory=lambda: os.getloadavg()[0])
     """The 1-minute load average as the run was set up (the machine may be shared)."""
     db_bytes: int = 0
@@ -633,8 +635,8 @@ def side_by_side(runs: list[StormRun], baseline: str = "mosquitto") -> str:
     """Per size, every broker's time to all confirmed and its ratio to `baseline`'s in this run
     (a run that did not finish counts its timeout: the ratio is then at least that)."""
     lines = [f"side by side (ratio: time to all confirmed / {baseline}'s in this run):"]
-    for n in dict.fromkeys(r.n for r in runs):
-        same = [r for r in runs if r.n == n]
+    for repeat, n in dict.fromkeys((r.repeat, r.n) for r in runs):
+        same = [r for r in runs if r.n == n and r.repeat == repeat]
         base = next((r for r in same if r.broker == baseline and r.finished), None)
         cells = []
         for r in same:
@@ -642,7 +644,19 @@ def side_by_side(runs: list[StormRun], baseline: str = "mosquitto") -> str:
             ratio = f"{'>=' if not r.finished else ''}{took / base.all_s:.1f}x" if base and base.all_s else "-"
             what = f"{r.all_s:.2f} s" if r.finished else f"{r.confirmed}/{r.n} in {r.timeout:.0f} s"
             cells.append(f"{r.broker} {what} ({ratio})")
-        lines.append(f"  {n:>5}: " + " | ".join(cells))
+        lines.append(f"  {n:>5}{f' #{repeat + 1}' if repeat else ''}: " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def lost(runs: list[StormRun]) -> str:
+    """Per broker and size: in how many runs every device was confirmed, and the devices
+    not confirmed in each run (the "no device lost, ever" check of `--repeat`)."""
+    lines = ["devices not confirmed by the end of each run:"]
+    for broker, n in dict.fromkeys((r.broker, r.n) for r in runs):
+        mine = [r for r in runs if r.broker == broker and r.n == n]
+        missing = [r.n - r.confirmed for r in mine]
+        lines.append(f"  {broker} {n}: every device confirmed in {missing.count(0)}/{len(mine)} runs; "
+                     f"not confirmed per run: {missing}")
     return "\n".join(lines)
 
 
@@ -673,7 +687,9 @@ def terminated(signum: int, _frame: Any) -> NoReturn:
 
 
 def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: int, profile: Path | None,
-              footprint: bool, json_out: Path | None, keep: bool = False, renumber: bool = False) -> None:
+              footprint: bool, json_out: Path | None, keep: bool = False, renumber: bool = False,
+              repeat: int = 1) -> bool:
+    """Run and print every storm; True when every device was confirmed in every run."""
     if any("mosquitto" in b for b in brokers) and Mosquitto.binary() is None:
         raise click.ClickException("mosquitto is not installed (Debian package 'mosquitto')")
     click.echo(f"homenet {__version__} bench storm: N agents ({DEVICE_TYPE}) connect and register at once; "
@@ -685,17 +701,22 @@ def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: 
     runs: list[StormRun] = []
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        for n in counts:  # each size on every broker in turn: a pair shares the machine's load
-            for broker in brokers:
-                prof = None
-                if profile is not None:
-                    prof = profile.with_name(f"{profile.stem}-{broker}-{n}{profile.suffix or '.txt'}")
-                runs.append(storm(broker, n, timeout, processes, prof, keep, renumber))
-                click.echo(f"  {broker} {n}: {'done' if runs[-1].finished else 'NOT FINISHED'} "
-                           f"after {runs[-1].elapsed_s:.1f} s", err=True)
+        for k in range(repeat):
+            for n in counts:  # each size on every broker in turn: a pair shares the machine's load
+                for broker in brokers:
+                    prof = None
+                    if profile is not None:
+                        prof = profile.with_name(f"{profile.stem}-{broker}-{n}{profile.suffix or '.txt'}")
+                    runs.append(storm(broker, n, timeout, processes, prof, keep, renumber))
+                    runs[-1].repeat = k
+                    click.echo(f"  {broker} {n}{f' #{k + 1}' if repeat > 1 else ''}: "
+                               f"{'done' if runs[-1].finished else 'NOT FINISHED'} after {runs[-1].elapsed_s:.1f} s "
+                               f"(load {runs[-1].load_before:.2f})", err=True)
         click.echo(table(runs))
         click.echo("")
         click.echo(side_by_side(runs))
+        if repeat > 1:
+            click.echo(lost(runs))
         click.echo(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
         for r in runs:
             click.echo(details(r))
@@ -721,3 +742,4 @@ def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: 
                                            default=str))
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return all(r.finished for r in runs)

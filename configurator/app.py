@@ -80,13 +80,15 @@ def _locked(path: Path) -> Iterator[None]:
         yield  # closing the file releases the lock
 
 
-def identity(settings: ConfiguratorSettings) -> Identity:
+def identity(settings: ConfiguratorSettings, accounts: AccountStore | None = None) -> Identity:
     """Load the identity, making what is missing. Under a lock on the data directory: two
-    configurators starting at once on a fresh one must not each make a key or a password."""
+    configurators starting at once on a fresh one must not each make a key or a password.
+    `accounts`: where the broker keeps them, when the caller owns the broker (default: from
+    `settings`)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with _locked(settings.data_dir / "setup.lock"):
         key = KeyPair.load_or_create(settings.data_dir / KEY_NAME)
-        accounts = make_accounts(settings)
+        accounts = accounts or make_accounts(settings)
         login = None
         if accounts is not None:  # its own account, and the local operator's for the CLI
             login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,

@@ -102,7 +102,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from homenet.broker.server import EmbeddedBroker
     from homenet.l2 import NoRawSocket
 
-    from .app import build
+    from .app import build, identity
     from .extensions import Extensions
     from .extensions.http import HttpError
 
@@ -126,7 +126,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 child.start()
         except Exception as exc:  # amqtt raises BrokerError, wrapping the OSError of a failed bind
             raise click.ClickException(f"broker: {exc}") from None
-        configurator = build(conf_settings)
+        configurator = build(conf_settings, identity(conf_settings, child.accounts) if child else None)
         extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
         loop = asyncio.get_running_loop()
         watchdog = sdnotify.Watchdog(lambda: _gateway_problem(loop, configurator))
@@ -514,13 +514,18 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
 @click.option("--renumber/--no-renumber", default=True, show_default=True,
               help="After each storm, restart the configurator with the LAN moved to another subnet and "
               "time until every device confirmed its new config.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run every storm this many times; then, per broker, in how many every device was confirmed.")
 def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: float, processes: int,
-                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool) -> None:
-    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS."""
+                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool,
+                repeat: int) -> None:
+    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS.
+    Exit status 1 when a device was not confirmed in some run."""
     from homenet.bench.storm import BROKERS, run_storm
 
-    run_storm(list(counts) or [250, 1000, 5000], list(brokers) or BROKERS, timeout, processes,
-              profile, footprint, json_out, keep, renumber)
+    if not run_storm(list(counts) or [250, 1000, 5000], list(brokers) or BROKERS, timeout, processes,
+                     profile, footprint, json_out, keep, renumber, repeat):
+        raise SystemExit(1)
 
 
 @main.group()

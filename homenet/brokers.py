@@ -67,12 +67,6 @@ def mosquitto_conf(listeners: list[tuple[str, int, bool]], max_payload: int, log
             + "log_type error\nlog_type warning\n")
 
 
-def dynsec_security(dynsec_file: Path, acl_file: Path) -> str:
-    """The mosquitto.conf lines that load the dynamic-security plugin with `dynsec_file` and
-    Mosquitto's `acl_file` (the patterns for unknown devices, `unknown_acl_file`)."""
-    return f"plugin {Mosquitto.dynsec_plugin()}\nplugin_opt_config_file {dynsec_file}\nacl_file {acl_file}\n"
-
-
 class Mosquitto:
     name = "mosquitto"
     DYNSEC_ADMIN = "dynsec-admin"
@@ -147,7 +141,8 @@ class Mosquitto:
         # As root, mosquitto would switch to user `mosquitto`, which may not write the plugin's
         # file (it saves every change) in this root-owned temp dir.
         user = "user root\n" if os.geteuid() == 0 else ""
-        return user + dynsec_security(self.dynsec_file, acl)
+        return (f"{user}plugin {self.dynsec_plugin()}\nplugin_opt_config_file {self.dynsec_file}\n"
+                f"acl_file {acl}\n")
 
     def start(self) -> None:
         binary = self.binary()

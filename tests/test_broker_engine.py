@@ -1,5 +1,6 @@
 """`[broker] engine`: `homenet gateway run` serving MQTT with Debian's Mosquitto as its own child
-process — config, dynamic-security accounts and lifetime owned by homenet — instead of amqtt."""
+process — config, accounts (its password and ACL files) and lifetime owned by homenet — instead
+of amqtt."""
 
 from __future__ import annotations
 
@@ -24,9 +25,7 @@ def mosquitto_children(pid: int) -> list[psutil.Process]:
 
 @pytest.fixture
 def mosquitto_gateway(tmp_path: Path, processes: Processes):  # noqa: F811
-    for name in ("mosquitto", "mosquitto_ctrl", "mosquitto_dynamic_security.so"):
-        require_program(name, {"mosquitto": Mosquitto.binary(), "mosquitto_ctrl": Mosquitto.ctrl(),
-                               "mosquitto_dynamic_security.so": Mosquitto.dynsec_plugin()}[name])
+    require_program("mosquitto", Mosquitto.binary())
     conf, port, data = tmp_path / "gateway.toml", free_port(), tmp_path / "gw"
     conf.write_text('[broker]\nengine = "mosquitto"\n')
     gateway = processes.start(HOMENET, "gateway", "run", "--config", str(conf), "--data-dir", str(data),
@@ -43,10 +42,10 @@ def test_gateway_on_mosquitto_onboards_a_device_and_stops_its_broker(
     agent = processes.start(AGENT, "run", "--broker", f"mqtt://[::1]:{port}", "--device-id", "nas-m",
                             "--device-type", "nas", "--collector", "simulated", "--data-dir", str(tmp_path / "a"))
     wait_until(lambda: "configured" in devices_list(data), timeout=30, what="nas-m configured on mosquitto")
-    # the device was handed an account and logged in with it: Mosquitto's plugin holds it
-    accounts = (data / "mosquitto" / "dynsec.json").read_text()
-    assert '"username":\t"nas-m"' in accounts or '"username": "nas-m"' in accounts
-    assert oct((data / "mosquitto" / "dynsec-admin.secret").stat().st_mode & 0o777) == "0o600"
+    # the device was handed an account (Mosquitto has its hash) and logged in with it
+    assert (data / "mosquitto" / "passwords").read_text().count("nas-m:$6$") == 1
+    assert "nas-m" in run(HOMENET, "devices", "show", "nas-m", "--data-dir", str(data)).stdout
+    assert (data / "mosquitto" / "passwords").stat().st_mode & 0o007 == 0
 
     assert processes.stop(agent)[0] == 0
     code, out = processes.stop(gateway)
