@@ -292,7 +292,8 @@ def users() -> None:
 
 @users.command("add")
 @click.argument("name")
-@click.option("--read-only", is_flag=True, help="May read the whole tree, publish nothing.")
+@click.option("--read-only", is_flag=True, help="Publishes nothing; reads every topic under the root but the "
+              "devices' register/reply and the command replies (they carry passwords).")
 @CONFIG
 @DATA_DIR
 @BROKER
