@@ -80,6 +80,11 @@ class Topics:
         return f"{self.root}/gateway/device/{check_device_id(device_id)}"
 
     @property
+    def gateway_devices(self) -> str:
+        """Subscription filter for every device's `gateway_device` topic."""
+        return f"{self.root}/gateway/device/+"
+
+    @property
     def events(self) -> str:
         return f"{self.root}/events"
 

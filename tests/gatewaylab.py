@@ -116,7 +116,7 @@ class GatewayHome(Home):
         secret = (self.tmp / "gw" / ADMIN_SECRET).read_text().strip()
         topics = Topics()
         out = self.gw.run(require_program("mosquitto_sub"), "-h", "127.0.0.1", "-p", "1883", "-u", ADMIN,
-                          "-P", secret, "-v", "-t", topics.gateway_state, "-t", topics.gateway_device("+"),
+                          "-P", secret, "-v", "-t", topics.gateway_state, "-t", topics.gateway_devices,
                           "--retained-only", "-W", "2", check=False, timeout=10)
         messages = [(t, p.encode(), True) for t, _, p in (line.partition(" ") for line in out.stdout.splitlines())]
         view = gateway_view(messages, topics)

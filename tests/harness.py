@@ -102,7 +102,7 @@ def gateway_view(messages: list[tuple[str, bytes, bool]], topics: Topics) -> dic
     """The whole gateway state, as `merge` puts together the latest `gateway/state` and every
     device's `gateway/device/{id}` seen (an empty payload deletes one); None before a summary."""
     summary, devices = None, {}
-    prefix = topics.gateway_device("x")[:-1]
+    prefix = topics.gateway_devices[:-1]
     for topic, payload, _ in messages:
         if topic == topics.gateway_state:
             summary = GatewaySummary.model_validate(json.loads(payload)["body"])

@@ -288,6 +288,7 @@ def test_fixed_topics_under_the_default_root():
     assert topics.configurator_state == "homenet/v1/configurator/state"
     assert topics.gateway_state == "homenet/v1/gateway/state"
     assert topics.gateway_device("stb-1") == "homenet/v1/gateway/device/stb-1"
+    assert topics.gateway_devices == "homenet/v1/gateway/device/+"
     assert topics.events == "homenet/v1/events"
     assert topics.all == "homenet/v1/#"
 
