@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ from homenet.schemas import Topics
 from homenet.schemas.messages import (Config, ConfigResult, IgmpItem, Ipv4Item, PortMappingItem, QosClass, QosItem,
                                       Rpc)
 from homenet.schemas.results import result_problem
-from homenet.schemas.signing import b64, unb64
+from homenet.schemas.signing import b64, unb64, verify
 
 from .gateway import ScriptedGateway, Seen
 from .relay import Relay, Session
@@ -52,6 +53,7 @@ RULES: dict[str, str] = {
     "config.other-key": "ignores a config not signed by the pinned configurator key",
     "rpc.ping": "answers rpc ping with rpc.reply, re = the rpc's id, ok true",
     "rpc.state": "answers rpc state with ok true and a result holding applied_version and in_force",
+    "rpc.refresh": "answers rpc refresh with ok true and sends its info (signed, retained)",
     "rpc.replayed": "ignores a live message whose seq is not above the last accepted (a replayed rpc)",
     "rpc.other-key": "ignores an rpc not signed by the pinned configurator key",
     "configurator.new-key": "refuses a configurator/state signed by a new key: does not register with it",
@@ -111,7 +113,6 @@ def explain_signature(seen: Seen, key: bytes | None) -> str:
     """Why a message's signature fails, with a guess at the usual mistakes."""
     if seen.verdict != "bad_signature" or key is None:
         return seen.verdict
-    from homenet.schemas.signing import verify
     sig = unb64(str(seen.envelope.get("sig", ""))) or b""
     unsigned = {k: v for k, v in seen.envelope.items() if k != "sig"}
     for guess, data in (("\\u escapes instead of raw UTF-8", _escaped_bytes(seen)),
@@ -167,7 +168,6 @@ class Walk:
         return self.report
 
     def _cleanup(self) -> None:
-        import shutil
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _verdict(self, rule: str, ok: bool, seen: str, gate: bool = False) -> bool:
@@ -183,7 +183,8 @@ class Walk:
         argv = [a.replace("{url}", self.url).replace("{data}", str(self.data)) for a in self.command]
         log = self._agent_log.open("ab")
         try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its log, as it goes
         except OSError as exc:
             self._verdict("connect.session", False, f"cannot start {shlex.join(argv)}: {exc.strerror or exc}", gate=True)
         finally:
@@ -386,6 +387,18 @@ class Walk:
                       f"result applied_version={result.get('applied_version')}, in_force "
                       f"{'present' if isinstance(result.get('in_force'), dict) else 'missing'}" if reply
                       else "no rpc.reply")
+        start = time.monotonic()
+        refresh_id, _ = self._rpc("refresh")
+        reply = self._next("rpc/reply", start, lambda s: s.body.get("re") == refresh_id)
+        info = self._next("info", start)
+        kept = self.gw.retained(info.topic) if info else None
+        problems = [p for p, bad in (("no rpc.reply", reply is None),
+                                     ("ok is not true", reply is not None and reply.body.get("ok") is not True),
+                                     ("no info", info is None),
+                                     (f"info {info.verdict if info else ''}", info is not None and info.verdict != "valid"),
+                                     ("info not retained", info is not None and kept != info.payload)) if bad]
+        self._verdict("rpc.refresh", not problems, "; ".join(problems) or "ok, and a signed retained info")
+        start = time.monotonic()
         self.gw.publish(self.topics.device(self.device, "rpc"), ping)  # the same bytes: a replay
         self._quiet("rpc.replayed", "rpc/reply", lambda s: s.body.get("re") == ping_id and s.at > start,
                     "the ping published once more (same seq)")
@@ -506,5 +519,4 @@ def check_agent(command: Sequence[str], timing: Timing | None = None,
         raise ValueError("no agent command given: homenet conformance agent -- CMD ... {url} ...")
     if not any("{url}" in a for a in command):
         raise ValueError("the agent command has no {url}: the kit fills in the URL of its broker there")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return Walk(command, timing, log).run()
