@@ -415,8 +415,12 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
         homenet conformance agent -- ./my-agent --broker {url} --state {data}
     """
     import logging
+    from importlib.util import find_spec
 
     from .conformance import Timing, Verdict, check_agent
+
+    if find_spec("amqtt") is None:
+        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet[gateway]'")
 
     if verbose:
         logs.setup(True)
