@@ -1,5 +1,5 @@
 """`homenet conformance agent`: our own agent passes every rule; broken agents (test fixtures in
-tests/agents/) fail the rule they break, and the command says so in its exit status, its lines
+tests/agents/: `ok` for nothing, `\\u`-escaped signing, any key taken) fail the rules they break, and the command says so in its exit status, its lines
 and its JSON."""
 
 from __future__ import annotations
@@ -65,3 +65,11 @@ def test_an_agent_that_cannot_be_started_fails_with_the_reason() -> None:
     code, report, _ = conformance("/nonexistent/agent", "{url}", timeout=60)
     rules = verdicts(report)
     assert code == 1 and "cannot start /nonexistent/agent" in rules["connect.session"]["seen"]
+
+
+def test_an_agent_that_takes_any_key_fails_every_rule_about_the_pinned_key() -> None:
+    code, report, _ = conformance(sys.executable, str(AGENTS / "any_key.py"), *AGENT_ARGS)
+    rules = verdicts(report)
+    assert code == 1 and rules["rpc.ping"]["ok"] and rules["config.stale-version"]["ok"]
+    for rule in ("config.other-key", "rpc.other-key", "configurator.new-key"):
+        assert not rules[rule]["ok"] and rules[rule]["seen"].startswith("answered "), rules[rule]
