@@ -1,6 +1,6 @@
-"""`homenet conformance agent`: our own agent passes every rule; broken agents (test fixtures in
-tests/agents/: `ok` for nothing, `\\u`-escaped signing, any key taken) fail the rules they break, and the command says so in its exit status, its lines
-and its JSON."""
+"""`homenet conformance agent`: our own agent passes every rule; broken agents (test fixtures
+in tests/agents/: `ok` for nothing, `\\u`-escaped signing, any key taken) fail the rules they
+break, and the command says so in its exit status, its lines and its JSON."""
 
 from __future__ import annotations
 
