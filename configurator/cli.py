@@ -419,7 +419,8 @@ def users() -> None:
 
 @users.command("add")
 @click.argument("name", callback=_checked("user name"))
-@click.option("--read-only", is_flag=True, help="May read the whole tree, publish nothing.")
+@click.option("--read-only", is_flag=True, help="Publishes nothing; reads every topic under the root but the "
+              "devices' register/reply and the command replies (they carry passwords).")
 @CONFIG
 @DATA_DIR
 @BROKER
@@ -551,8 +552,12 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
         homenet conformance agent -- ./my-agent --broker {url} --state {data}
     """
     import logging
+    from importlib.util import find_spec
 
     from .conformance import Timing, Verdict, check_agent
+
+    if find_spec("amqtt") is None:
+        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet[gateway]'")
 
     if verbose:
         logs.setup("debug", "info")

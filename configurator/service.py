@@ -50,6 +50,7 @@ from homenet.settings import ConfiguratorSettings
 
 from .bus import Bus, Committed, DeviceChanged
 from .gateway import GatewayDriver
+from .gatewaystate import Published
 from .holdings import Holdings
 from .ipam import LanPlan
 from .lanwatch import LanWatch
@@ -111,6 +112,8 @@ class Configurator:
         self._halt = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="reconcile", daemon=True)
         self._outbox = threading.local()
+        self._gateway_published = Published()
+        self._gateway_lock = threading.Lock()
         self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(f"homenet-{self.sender}", clean_session=False,
@@ -205,6 +208,7 @@ class Configurator:
             self._later(self.lan_watch.start)
         # The broker may have lost its retained messages (amqtt keeps none across restarts); a
         # config just re-planned is not sent in its old version first (it would come back to us).
+        self._gateway_published.forget()  # its retained parts too may be gone
         for record in self.store.all():
             if record.config_payload and record.device_id not in sent:
                 self._publish_raw(self.topics.device(record.device_id, "config"), record.config_payload.encode(),
@@ -344,15 +348,25 @@ class Configurator:
         self._later(self.bus.emit, body)
 
     def publish_gateway_state(self) -> None:
-        """What the driver has set, retained on `gateway/state` (also called by the driver's
-        retries). It lists every device, so a batch sends it once, after all its gateway changes."""
+        """What the driver has set, retained on `gateway/state` and `gateway/device/{id}` (also
+        called by the driver's retries); a batch sends it once, after all its gateway changes."""
         if threading.current_thread() is self._worker:
             self._outbox.gateway_changed = True
         else:
             self._send_gateway_state()
 
     def _send_gateway_state(self) -> None:
-        self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
+        """Only what changed since the last time: the summary, and each device whose part did."""
+        with self._gateway_lock:  # in order, whichever thread the driver reports from
+            summary, devices = self._gateway_published.changes(self.driver.state())
+            for device_id, part in devices.items():
+                topic = self.topics.gateway_device(device_id)
+                if part is None:
+                    self._publish_raw(topic, b"", retain=True)
+                else:
+                    self._publish(topic, "gateway.device", part, retain=True)
+            if summary is not None:
+                self._publish(self.topics.gateway_state, "gateway.state", summary, retain=True)
 
     # --- receiving -----------------------------------------------------------------------
 

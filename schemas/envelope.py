@@ -95,9 +95,13 @@ def encode(kind: str, body: Model, *, sender: str, seq: int, msg_id: str | None 
         "time": datetime.now(timezone.utc).isoformat(timespec="milliseconds"),
         "body": body.model_dump(mode="json"),
     }
-    if sign is not None:
-        envelope["sig"] = b64(sign(canonical(envelope)))
-    return msg_id, canonical(envelope)
+    signed = canonical(envelope)  # also checks the whole message (integers only, Unicode text)
+    if sign is None:
+        return msg_id, signed
+    envelope["sig"] = b64(sign(signed))
+    # Sent as sorted, compact UTF-8 JSON by the C encoder: a receiver canonicalizes what it
+    # parsed, so the payload need not be RFC 8785 itself (for v1's content it is the same bytes).
+    return msg_id, json.dumps(envelope, sort_keys=True, separators=(",", ":"), ensure_ascii=False).encode()
 
 
 def signed_by(envelope: Envelope, public: bytes | None) -> bool:

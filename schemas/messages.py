@@ -294,6 +294,9 @@ class QosRule(Model):
 
 
 class GatewayState(Model):
+    """What a gateway driver has set, all devices together (in the configurator; on the wire it is
+    split into `gateway.state` and one `gateway.device` per device: configurator/gatewaystate.py)."""
+
     driver: str = Field(description="The gateway driver: memory, linux or upnp.")
     lan: str = Field(description="The LAN subnet in CIDR notation.")
     reservations: list[Reservation] = Field(default_factory=list, description="DHCP reservations set.")
@@ -301,6 +304,26 @@ class GatewayState(Model):
     qos: list[QosRule] = Field(default_factory=list, description="Traffic marking rules set.")
     igmp_proxy: bool = Field(False, description="Whether the IGMP proxy runs.")
     igmp_devices: list[DeviceId] = Field(default_factory=list, description="Devices the IGMP proxy serves.")
+
+
+class GatewaySummary(Model):
+    """Body of `gateway/state`: the gateway as a whole; each device's part is on `gateway/device/{id}`."""
+
+    driver: str = Field(description="The gateway driver: memory, linux or upnp.")
+    lan: str = Field(description="The LAN subnet in CIDR notation.")
+    igmp_proxy: bool = Field(False, description="Whether the IGMP proxy runs.")
+    devices: Annotated[int, Field(ge=0, description="How many devices have something set on the gateway (each "
+                                                    "on its own `gateway/device/{id}`).")] = 0
+
+
+class GatewayDevice(Model):
+    """Body of `gateway/device/{id}`: what the gateway has set for one device."""
+
+    device_id: DeviceId = Field(description=_DEVICE)
+    reservation: Reservation | None = Field(None, description="Its DHCP reservation, if any.")
+    port_mappings: list[PortMapping] = Field(default_factory=list, description="Port forwards to it.")
+    qos: list[QosRule] = Field(default_factory=list, description="Marking rules for its traffic.")
+    igmp: bool = Field(False, description="Whether the IGMP proxy serves it.")
 
 
 class Severity(StrEnum):
@@ -328,7 +351,8 @@ BODIES: dict[str, type[Model]] = {
     "info": DeviceInfo,
     "rpc": Rpc,
     "rpc.reply": RpcReply,
-    "gateway.state": GatewayState,
+    "gateway.state": GatewaySummary,
+    "gateway.device": GatewayDevice,
     "command": Command,
     "command.reply": CommandReply,
     "event": Event,

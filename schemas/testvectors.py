@@ -82,9 +82,12 @@ def _bodies() -> list[tuple[str, str, dict[str, Any]]]:
         ("configurator", "rpc", {"method": "state", "params": {}}),
         ("device", "rpc.reply", {"re": "0123456789abcdef0123456789abcdef", "ok": True,
                                  "result": {"applied_version": 1}, "error": ""}),
-        ("configurator", "gateway.state", {"driver": "linux", "lan": "192.168.1.0/24", "reservations": [
-            {"device_id": DEVICE, "mac": "02:00:00:00:00:01", "address": "192.168.1.20"}],
-            "port_mappings": [], "qos": [], "igmp_proxy": True, "igmp_devices": [DEVICE]}),
+        ("configurator", "gateway.state", {"driver": "linux", "lan": "192.168.1.0/24", "igmp_proxy": True,
+                                           "devices": 1}),
+        ("configurator", "gateway.device", {"device_id": DEVICE, "reservation": {
+            "device_id": DEVICE, "mac": "02:00:00:00:00:01", "address": "192.168.1.20"}, "port_mappings": [],
+            "qos": [{"device_id": DEVICE, "address": "192.168.1.20", "qos_class": "video", "dscp": 32}],
+            "igmp": True}),
         ("configurator", "command", {"op": "pair", "device_id": None, "code": "123-456", "user": None,
                                      "read_only": True}),
         ("configurator", "command.reply", {"re": "abcdefabcdefabcdefabcdefabcdefab", "ok": True, "error": "",

@@ -24,7 +24,7 @@ from homenet.configurator.app import ADMIN, ADMIN_SECRET
 from homenet.schemas import Topics
 
 from .conftest import require_program
-from .harness import wait_until
+from .harness import gateway_view, wait_until
 from .netns import Lab, Namespace, multicast_routing_problem
 from .test_day0 import GATEWAY_IP, HOMENET, Home
 
@@ -114,11 +114,17 @@ class GatewayHome(Home):
                            "--broker", "mqtt://127.0.0.1:1883", check=False, timeout=30)
 
     def gateway_state(self) -> dict[str, Any]:
-        """The body of the retained `gateway/state`, read with mosquitto_sub as the gateway's operator."""
+        """The whole gateway state from the retained `gateway/state` and `gateway/device/+`, read
+        with mosquitto_sub as the gateway's operator."""
         secret = (self.tmp / "gw" / ADMIN_SECRET).read_text().strip()
+        topics = Topics()
         out = self.gw.run(require_program("mosquitto_sub"), "-h", "127.0.0.1", "-p", "1883", "-u", ADMIN,
-                          "-P", secret, "-t", Topics().gateway_state, "-C", "1", "-W", "5", timeout=10)
-        return json.loads(out.stdout)["body"]
+                          "-P", secret, "-v", "-t", topics.gateway_state, "-t", topics.gateway_devices,
+                          "--retained-only", "-W", "2", check=False, timeout=10)
+        messages = [(t, p.encode(), True) for t, _, p in (line.partition(" ") for line in out.stdout.splitlines())]
+        view = gateway_view(messages, topics)
+        assert view is not None, f"no retained gateway/state: {out.stdout!r} {out.stderr!r}"
+        return view
 
     def wan_connect(self, port: int) -> subprocess.CompletedProcess[str]:
         assert self.wan is not None

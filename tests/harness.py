@@ -15,12 +15,14 @@ from homenet.agent.service import Agent
 from homenet.brokers import BrokerHandle
 from homenet.configurator.app import ADMIN, ADMIN_SECRET, build as build_configurator, db_path
 from homenet.configurator.extensions import Extensions
+from homenet.configurator.gatewaystate import merge
 from homenet.configurator.lifecycle import State
 from homenet.configurator.records import DeviceRecord
 from homenet.configurator.service import Configurator
 from homenet.configurator.store import SqliteStore
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import Topics
+from homenet.schemas.messages import GatewayDevice, GatewaySummary
 from homenet.settings import AgentSettings, ConfiguratorSettings, GatewaySettings, LanSettings
 
 
@@ -95,6 +97,22 @@ def retained(url: str, wanted: int, timeout: float = 20.0,
             return found
         if time.monotonic() > deadline:
             raise AssertionError(f"{wanted} retained messages wanted, got {sorted(found)}")
+
+
+def gateway_view(messages: list[tuple[str, bytes, bool]], topics: Topics) -> dict[str, Any] | None:
+    """The whole gateway state, as `merge` puts together the latest `gateway/state` and every
+    device's `gateway/device/{id}` seen (an empty payload deletes one); None before a summary."""
+    summary, devices = None, {}
+    prefix = topics.gateway_devices[:-1]
+    for topic, payload, _ in messages:
+        if topic == topics.gateway_state:
+            summary = GatewaySummary.model_validate(json.loads(payload)["body"])
+        elif topic.startswith(prefix):
+            if payload:
+                devices[topic[len(prefix):]] = GatewayDevice.model_validate(json.loads(payload)["body"])
+            else:
+                devices.pop(topic[len(prefix):], None)
+    return merge(summary, devices.values()).model_dump(mode="json") if summary else None
 
 
 def load_records(data_dir: Path) -> dict[str, DeviceRecord]:

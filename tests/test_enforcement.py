@@ -7,14 +7,11 @@ from __future__ import annotations
 
 import logging
 import queue
-from collections.abc import Iterator
-from pathlib import Path
 from typing import Any
 
 import pytest
 
 from homenet.acl import Role
-from homenet.brokers import Embedded
 from homenet.configurator.lifecycle import State
 from homenet.keys import KeyPair
 from homenet.mqtt import make_client
@@ -24,6 +21,7 @@ from homenet.schemas.messages import (ConfigResult, DeviceInfo, Interface, ItemR
                                       RegisterReply, ResultStatus)
 
 from .harness import Gateway, wait_until
+from .test_security import secure, secure_amqtt  # noqa: F401  (fixtures: a broker with accounts)
 
 TOPICS = Topics()
 
@@ -74,33 +72,6 @@ class HandDevice:
         self.client.loop_stop()
 
 
-@pytest.fixture
-def open_gateway(tmp_path: Path) -> Iterator[Gateway]:
-    broker = Embedded()
-    broker.start()
-    gateway = Gateway(broker, tmp_path)
-    try:
-        gateway.start()
-        yield gateway
-    finally:
-        gateway.close()
-        broker.stop()
-
-
-@pytest.fixture
-def accounts_gateway(tmp_path: Path) -> Iterator[Gateway]:
-    accounts = tmp_path / "gateway" / "broker-accounts.json"
-    broker = Embedded(accounts_file=accounts)
-    broker.start()
-    gateway = Gateway(broker, tmp_path, accounts_file=accounts)
-    try:
-        gateway.start()
-        yield gateway
-    finally:
-        gateway.close()
-        broker.stop()
-
-
 def configured_by_hand(gateway: Gateway, device_id: str) -> tuple[HandDevice, str, Any]:
     device = HandDevice(gateway, device_id)  # no broker accounts: it may read its config as it is
     device.client.subscribe(TOPICS.device(device_id, "config"), 1)
@@ -121,8 +92,8 @@ def answer(device: HandDevice, config_id: str, version: int, items: list[ItemRes
     ("another re", "is not the id"),
     ("ok for a failure", "status ok does not follow from its items (they make it failed)"),
 ])
-def test_a_result_that_does_not_answer_its_config_is_refused(open_gateway: Gateway, case: str, reason: str) -> None:
-    device, config_id, config = configured_by_hand(open_gateway, f"hand-{case.replace(' ', '-')}")
+def test_a_result_that_does_not_answer_its_config_is_refused(gateway: Gateway, case: str, reason: str) -> None:
+    device, config_id, config = configured_by_hand(gateway, f"hand-{case.replace(' ', '-')}")
     try:
         ipv4 = ItemResult(item="ipv4", status=ItemStatus.APPLIED)
         items, re = {"no items": ([], config_id),
@@ -130,17 +101,17 @@ def test_a_result_that_does_not_answer_its_config_is_refused(open_gateway: Gatew
                      "another re": ([ipv4], "0" * 32),
                      "ok for a failure": ([ItemResult(item="ipv4", status=ItemStatus.FAILED)], config_id)}[case]
         answer(device, re, config.version, items)
-        open_gateway.watcher.wait_event("message.rejected", reason=reason)
-        assert open_gateway.record(device.device_id).state != State.CONFIGURED
+        gateway.watcher.wait_event("message.rejected", reason=reason)
+        assert gateway.record(device.device_id).state != State.CONFIGURED
 
         answer(device, config_id, config.version, [ipv4])  # the true answer is taken
-        open_gateway.wait_configured(device.device_id)
+        gateway.wait_configured(device.device_id)
     finally:
         device.close()
 
 
-def test_an_anonymous_device_that_omits_needs_credentials_still_gets_an_account(accounts_gateway: Gateway) -> None:
-    device = HandDevice(accounts_gateway, "hand-anon")
+def test_an_anonymous_device_that_omits_needs_credentials_still_gets_an_account(secure: Gateway) -> None:
+    device = HandDevice(secure, "hand-anon")
     try:
         device.register(needs_credentials=False)
         _, reply = device.receive("register/reply")
@@ -158,17 +129,17 @@ def test_an_anonymous_device_that_omits_needs_credentials_still_gets_an_account(
 
 
 def test_a_reader_on_the_whole_tree_costs_no_log_line_per_withheld_message(
-        accounts_gateway: Gateway, caplog: pytest.LogCaptureFixture) -> None:
+        secure_amqtt: Gateway, caplog: pytest.LogCaptureFixture) -> None:
     caplog.set_level(logging.INFO)
-    assert accounts_gateway.configurator and accounts_gateway.configurator.accounts
-    password = accounts_gateway.configurator.accounts.set("alice", Role.READER)
+    assert secure_amqtt.configurator and secure_amqtt.configurator.accounts
+    password = secure_amqtt.configurator.accounts.set("alice", Role.READER)
     seen: list[str] = []
     reader = make_client("alice", clean_session=True, username="alice", password=password)
     reader.on_message = lambda _c, _u, msg: seen.append(msg.topic)
     reader.on_connect = lambda c, *_: c.subscribe("#", 1)
-    reader.connect("127.0.0.1", accounts_gateway.broker.port)
+    reader.connect("127.0.0.1", secure_amqtt.broker.port)
     reader.loop_start()
-    device = HandDevice(accounts_gateway, "hand-read")
+    device = HandDevice(secure_amqtt, "hand-read")
     try:
         wait_until(lambda: TOPICS.configurator_state in seen, what="the reader subscribed")
         device.register(needs_credentials=True)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import os
 import shlex
+import shutil
 import signal
 import subprocess
 import tempfile
@@ -29,7 +30,7 @@ from homenet.schemas import Topics
 from homenet.schemas.messages import (Config, ConfigResult, IgmpItem, Ipv4Item, PortMappingItem, QosClass, QosItem,
                                       Rpc)
 from homenet.schemas.results import result_problem
-from homenet.schemas.signing import b64, unb64
+from homenet.schemas.signing import b64, unb64, verify
 
 from .gateway import ScriptedGateway, Seen
 from .relay import Relay, Session
@@ -52,6 +53,7 @@ RULES: dict[str, str] = {
     "config.other-key": "ignores a config not signed by the pinned configurator key",
     "rpc.ping": "answers rpc ping with rpc.reply, re = the rpc's id, ok true",
     "rpc.state": "answers rpc state with ok true and a result holding applied_version and in_force",
+    "rpc.refresh": "answers rpc refresh with ok true and sends its info (signed, retained)",
     "rpc.replayed": "ignores a live message whose seq is not above the last accepted (a replayed rpc)",
     "rpc.other-key": "ignores an rpc not signed by the pinned configurator key",
     "configurator.new-key": "refuses a configurator/state signed by a new key: does not register with it",
@@ -111,7 +113,6 @@ def explain_signature(seen: Seen, key: bytes | None) -> str:
     """Why a message's signature fails, with a guess at the usual mistakes."""
     if seen.verdict != "bad_signature" or key is None:
         return seen.verdict
-    from homenet.schemas.signing import verify
     sig = unb64(str(seen.envelope.get("sig", ""))) or b""
     unsigned = {k: v for k, v in seen.envelope.items() if k != "sig"}
     for guess, data in (("\\u escapes instead of raw UTF-8", _escaped_bytes(seen)),
@@ -167,7 +168,6 @@ class Walk:
         return self.report
 
     def _cleanup(self) -> None:
-        import shutil
         shutil.rmtree(self._dir, ignore_errors=True)
 
     def _verdict(self, rule: str, ok: bool, seen: str, gate: bool = False) -> bool:
@@ -183,7 +183,8 @@ class Walk:
         argv = [a.replace("{url}", self.url).replace("{data}", str(self.data)) for a in self.command]
         log = self._agent_log.open("ab")
         try:
-            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT)
+            self.process = subprocess.Popen(argv, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+                                            env={**os.environ, "PYTHONUNBUFFERED": "1"})  # its log, as it goes
         except OSError as exc:
             self._verdict("connect.session", False, f"cannot start {shlex.join(argv)}: {exc.strerror or exc}", gate=True)
         finally:
@@ -249,11 +250,18 @@ class Walk:
                                    items=items)
         return self.gw.send("config", "config", self._last_config, retain=retain, key=key)
 
-    def _quiet(self, rule: str, channel: str, match: Callable[[Seen], bool], what: str) -> None:
-        start = time.monotonic()
-        got = self._next(channel, start, match, timeout=self.timing.quiet)
-        self._verdict(rule, got is None, f"no answer in {self.timing.quiet:.0f} s to {what}" if got is None
+    def _quiet(self, rule: str, channel: str, what: str, send: Callable[[], object],
+               match: Callable[[Seen], bool] = lambda s: True) -> None:
+        """`send`, then no message on `channel` that `match`es for `Timing.quiet` seconds."""
+        since = time.monotonic()
+        send()
+        got = self._next(channel, since, match, timeout=self.timing.quiet)
+        self._verdict(rule, got is None, f"no answer in {self.timing.quiet:g} s to {what}" if got is None
                       else f"answered {what}: {got.payload[:200].decode(errors='replace')}")
+
+    def _quiet_result(self, rule: str, what: str, send: Callable[[], object]) -> None:
+        """No config.result but the one already given (an agent may re-send that one)."""
+        self._quiet(rule, "config/result", what, send, lambda s: s.body != self._result.body)
 
     def _rpc(self, method: str, **kwargs: Any) -> tuple[str, bytes]:
         return self.gw.send("rpc", "rpc", Rpc(method=method), **kwargs)
@@ -336,20 +344,16 @@ class Walk:
         self.gw.config_version = 1
         self._config_id, self._config_payload = self._config(1)
         self._check_result("config.result", self._config_id, start, gate=True)
-        self.gw.publish(self.topics.device(self.device, "config"), self._config_payload, retain=True)
-        self._quiet("config.retained-again", "config/result", lambda s: s.body != self._result.body,
-                    "the same retained config again")
-        stale_id, _ = self._config(1)
-        self._quiet("config.stale-version", "config/result", lambda s: s.body.get("re") == stale_id,
-                    "a new config with version 1 again")
-        old_id, _ = self._config(2, epoch=EPOCH - 1)
-        self._quiet("config.older-epoch", "config/result", lambda s: s.body.get("re") == old_id,
-                    f"config version 2 of epoch {EPOCH - 1} (the applied one is of epoch {EPOCH})")
-        other_id, _ = self._config(2, key=self.gw.other)
-        self._quiet("config.other-key", "config/result", lambda s: s.body.get("re") == other_id,
-                    "config version 2 signed by another key")
+        config_topic = self.topics.device(self.device, "config")
+        self._quiet_result("config.retained-again", "the same retained config again",
+                           lambda: self.gw.publish(config_topic, self._config_payload, retain=True))
+        self._quiet_result("config.stale-version", "a new config with version 1 again", lambda: self._config(1))
+        self._quiet_result("config.older-epoch", f"config version 2 of epoch {EPOCH - 1} (the applied one is of "
+                           f"epoch {EPOCH})", lambda: self._config(2, epoch=EPOCH - 1))
+        self._quiet_result("config.other-key", "config version 2 signed by another key",
+                           lambda: self._config(2, key=self.gw.other))
         # put the true config back as the retained one, for the restart later
-        self.gw.publish(self.topics.device(self.device, "config"), self._config_payload, retain=True)
+        self.gw.publish(config_topic, self._config_payload, retain=True)
 
     def _check_result(self, rule: str, config_id: str, start: float, gate: bool = False) -> None:
         got = self._next("config/result", start, lambda s: s.body.get("re") == config_id
@@ -386,18 +390,26 @@ class Walk:
                       f"result applied_version={result.get('applied_version')}, in_force "
                       f"{'present' if isinstance(result.get('in_force'), dict) else 'missing'}" if reply
                       else "no rpc.reply")
-        self.gw.publish(self.topics.device(self.device, "rpc"), ping)  # the same bytes: a replay
-        self._quiet("rpc.replayed", "rpc/reply", lambda s: s.body.get("re") == ping_id and s.at > start,
-                    "the ping published once more (same seq)")
-        other_id, _ = self._rpc("ping", key=self.gw.other)
-        self._quiet("rpc.other-key", "rpc/reply", lambda s: s.body.get("re") == other_id,
-                    "a ping signed by another key")
+        start = time.monotonic()
+        refresh_id, _ = self._rpc("refresh")
+        reply = self._next("rpc/reply", start, lambda s: s.body.get("re") == refresh_id)
+        info = self._next("info", start)
+        kept = self.gw.retained(info.topic) if info else None
+        problems = [p for p, bad in (("no rpc.reply", reply is None),
+                                     ("ok is not true", reply is not None and reply.body.get("ok") is not True),
+                                     ("no info", info is None),
+                                     (f"info {info.verdict if info else ''}", info is not None and info.verdict != "valid"),
+                                     ("info not retained", info is not None and kept != info.payload)) if bad]
+        self._verdict("rpc.refresh", not problems, "; ".join(problems) or "ok, and a signed retained info")
+        # nothing else is asked meanwhile: any rpc.reply is an answer to what must get none
+        self._quiet("rpc.replayed", "rpc/reply", "the ping published once more (same bytes, same seq)",
+                    lambda: self.gw.publish(self.topics.device(self.device, "rpc"), ping))
+        self._quiet("rpc.other-key", "rpc/reply", "a ping signed by another key",
+                    lambda: self._rpc("ping", key=self.gw.other))
 
     def _new_key(self) -> None:
-        start = time.monotonic()
-        self.gw.announce(epoch=EPOCH + 1, key=self.gw.other)
-        self._quiet("configurator.new-key", "register", lambda s: s.at >= start,
-                    f"configurator/state of epoch {EPOCH + 1} signed by a new key")
+        self._quiet("configurator.new-key", "register", f"configurator/state of epoch {EPOCH + 1} signed by a new key",
+                    lambda: self.gw.announce(epoch=EPOCH + 1, key=self.gw.other))
         self.gw.announce()
 
     def _newer_version(self) -> None:
@@ -506,5 +518,4 @@ def check_agent(command: Sequence[str], timing: Timing | None = None,
         raise ValueError("no agent command given: homenet conformance agent -- CMD ... {url} ...")
     if not any("{url}" in a for a in command):
         raise ValueError("the agent command has no {url}: the kit fills in the URL of its broker there")
-    os.environ.setdefault("PYTHONUNBUFFERED", "1")
     return Walk(command, timing, log).run()
