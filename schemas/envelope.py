@@ -13,8 +13,9 @@ from datetime import datetime, timezone
 from collections.abc import Callable
 from typing import Annotated, Any, Literal
 
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from . import strictjson
 from .messages import BODIES, Model
 from .signing import b64, unb64, verify
 
@@ -34,9 +35,19 @@ class Envelope(BaseModel):
     v: Literal[1] = 1
     kind: Annotated[str, Field(max_length=32)]
     id: Annotated[str, Field(min_length=1, max_length=64)]
-    seq: Annotated[int, Field(ge=0)]
+    seq: Annotated[int, Field(ge=0, lt=2**63, strict=True)]
+    """An integer: `"5"` and `5.0` are refused, not coerced."""
     sender: Annotated[str, Field(alias="from", min_length=1, max_length=64)]
     time: AwareDatetime
+
+    @field_validator("time")
+    @classmethod
+    def _plausible(cls, value: datetime) -> datetime:
+        """A device clock may be wrong at day 0, never by millennia: 9999-12-31 overflowed
+        the first date arithmetic done on it."""
+        if not 1970 <= value.year < 3000:
+            raise ValueError(f"time {value.isoformat()} is not between 1970 and 3000")
+        return value
     body: dict[str, Any]
     sig: str | None = None
 
@@ -88,9 +99,9 @@ def decode(payload: bytes, *, expected_kind: str | None = None,
     if len(payload) > max_size:
         raise ContractError(f"payload of {len(payload)} bytes is over the {max_size}-byte limit")
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ContractError(f"not JSON: {exc}") from None
+        raw = strictjson.loads(payload)
+    except strictjson.JsonError as exc:
+        raise ContractError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ContractError(f"not a JSON object but a {type(raw).__name__}")
     try:
