@@ -3,12 +3,14 @@
 from __future__ import annotations
 
 import fcntl
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
 from homenet.accounts import Accounts, AccountStore, ensure_account
+from homenet.durable import write_atomic
 from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import Topics
@@ -71,6 +73,25 @@ class Identity:
     key: KeyPair
     accounts: AccountStore | None
     login: tuple[str, str] | None
+    client_id: str | None = None
+    """Its MQTT client id when it is not the plain `homenet-<id>` (see `client_id`)."""
+
+
+CLIENT_ID_SECRET = "client-id.secret"
+
+
+def client_id(settings: ConfiguratorSettings) -> str | None:
+    """On Mosquitto, any anonymous client may connect under any client id, and MQTT hands it
+    the session of that id: `mosquitto_pub -i homenet-configurator` pushed the configurator
+    off (docs/security.md). There the configurator's id carries a secret suffix, kept in the
+    data directory so its persistent session survives restarts. The embedded broker reserves
+    `homenet-*` for the configurator's account instead (broker/auth.py)."""
+    if settings.dynsec_admin is None:
+        return None
+    secret = settings.data_dir / CLIENT_ID_SECRET
+    if not secret.exists():
+        write_atomic(secret, secrets.token_hex(12).encode() + b"\n", mode=0o600)
+    return f"homenet-{settings.configurator_id}-{secret.read_text().strip()}"
 
 
 @contextmanager
@@ -94,7 +115,8 @@ def identity(settings: ConfiguratorSettings, accounts: AccountStore | None = Non
             login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
                                                     settings.data_dir / "configurator.secret"))
             ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
-    return Identity(key, accounts, login)
+        mqtt_id = client_id(settings)
+    return Identity(key, accounts, login, mqtt_id)
 
 
 def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Configurator:
@@ -109,7 +131,8 @@ def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Conf
     lan = saved_plan(settings.lan, store.meta())  # a renumbered LAN stays renumbered across restarts
     driver = make_driver(settings, reporter, lan)
     try:
-        configurator = Configurator(settings, store, driver, ident.key, ident.accounts, ident.login)
+        configurator = Configurator(settings, store, driver, ident.key, ident.accounts, ident.login,
+                                    client_id=ident.client_id)
     except BaseException:
         driver.close()
         store.close()

@@ -38,7 +38,8 @@ from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.accounts import AccountError, AccountStore
 from homenet.acl import Role
 from homenet.keys import KeyPair
-from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
+from homenet.schemas import (MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by,
+                             strictjson)
 from homenet.schemas.results import result_problem
 from homenet.schemas.signing import b64, canonical_pairing_code, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
@@ -85,9 +86,11 @@ class Rejected(Exception):
 
 class Configurator:
     def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None) -> None:
+                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None,
+                 client_id: str | None = None) -> None:
         """`accounts`: the broker accounts this configurator issues (None: no broker auth);
-        `login`: its own (username, password) on the broker."""
+        `login`: its own (username, password) on the broker; `client_id`: its MQTT client id
+        (default `homenet-<configurator id>`)."""
         self.settings = settings
         self.key = key
         self.accounts = accounts
@@ -116,7 +119,7 @@ class Configurator:
         self._gateway_lock = threading.Lock()
         self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
-        self.client = make_client(f"homenet-{self.sender}", clean_session=False,
+        self.client = make_client(client_id or f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
                                   will=(self.topics.configurator_state, self._state_payload("offline")),
                                   cafile=settings.broker_cafile if self.broker.tls else None,
@@ -428,7 +431,7 @@ class Configurator:
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         try:
-            status = DeviceStatus.model_validate(json.loads(payload))
+            status = DeviceStatus.model_validate(strictjson.loads(payload))
         except (ValueError, ValidationError) as exc:
             raise Rejected(f"bad status payload: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
         record = self.store.get(device_id)

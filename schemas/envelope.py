@@ -18,8 +18,9 @@ from collections.abc import Callable, Mapping
 from typing import Annotated, Any, Literal
 
 import rfc8785
-from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError
+from pydantic import AwareDatetime, BaseModel, ConfigDict, Field, PrivateAttr, ValidationError, field_validator
 
+from . import strictjson
 from .messages import BODIES, Model
 from .signing import b64, unb64, verify
 
@@ -43,13 +44,25 @@ class Envelope(BaseModel):
                                json_schema_extra={"enum": sorted(BODIES)})]
     id: Annotated[str, Field(min_length=1, max_length=64, description=(
         "A unique id of this message (e.g. 32 hex digits of a random UUID); a reply names it in `re`."))]
-    seq: Annotated[int, Field(ge=0, description=(
-        "The sender's sequence number: one counter for everything it sends, strictly increasing, kept "
-        "across restarts; a receiver refuses a live message whose seq is not above the last accepted."))]
+    seq: Annotated[int, Field(ge=0, lt=2**63, strict=True, description=(
+        "The sender's sequence number, an integer below 2^63 (`\"5\"` and `5.0` are refused): one counter "
+        "for everything it sends, strictly increasing, kept across restarts; a receiver refuses a live "
+        "message whose seq is not above the last accepted."))]
     sender: Annotated[str, Field(alias="from", min_length=1, max_length=64, description=(
         "Who sent it: the device id (an agent) or the configurator id."))]
     time: AwareDatetime = Field(description=(
-        "When it was sent, RFC 3339 with an offset. Informative only: a device clock may be wrong."))
+        "When it was sent, RFC 3339 with an offset, in the years 1970-2999. Informative only: a device "
+        "clock may be wrong."))
+
+    @field_validator("time")
+    @classmethod
+    def _plausible(cls, value: datetime) -> datetime:
+        """A device clock may be wrong at day 0, never by millennia: 9999-12-31 overflowed
+        the first date arithmetic done on it."""
+        if not 1970 <= value.year < 3000:
+            raise ValueError(f"time {value.isoformat()} is not between 1970 and 3000")
+        return value
+
     body: dict[str, Any] = Field(description="The message itself: the schema of its kind.")
     sig: str | None = Field(None, description=(
         "Ed25519 signature (RFC 8032) of the RFC 8785 canonical bytes of the envelope without `sig`: "
@@ -126,9 +139,9 @@ def decode(payload: bytes, *, expected_kind: str | None = None,
     if len(payload) > max_size:
         raise ContractError(f"payload of {len(payload)} bytes is over the {max_size}-byte limit")
     try:
-        raw = json.loads(payload)
-    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise ContractError(f"not JSON: {exc}") from None
+        raw = strictjson.loads(payload)
+    except strictjson.JsonError as exc:
+        raise ContractError(str(exc)) from None
     if not isinstance(raw, dict):
         raise ContractError(f"not a JSON object but a {type(raw).__name__}")
     try:
