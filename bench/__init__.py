@@ -1,0 +1,1 @@
+"""Benchmarks beside the test suite (docs/benchmarks.md): `homenet bench …` and scripts."""
