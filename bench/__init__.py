@@ -15,6 +15,9 @@ Apart from the product so that `configurator/` holds only the configurator; inst
                 check (every invariant holds, and how long convergence took).
   day0          day0.py (`make bench-day0`, root): link-up to usable IPv4 for a new device.
                 Floor: dnsmasq + busybox udhcpc on the same namespaces.
+  cloud         `homenet bench cloud` (cloud.py): simulated homes onboarding devices against
+                `homenet cloud run` on PostgreSQL, one and two server processes side by side.
+                Floor: one process (the ratio says what the second buys).
   agent_memory  agent_memory.py: the agent's resident memory layer by layer as its libraries
                 load. Floor: the bare interpreter (the first line).
 """

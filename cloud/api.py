@@ -14,7 +14,8 @@ import asyncio
 import hmac
 import logging
 import time
-from collections.abc import Callable
+from collections.abc import AsyncIterator, Callable
+from contextlib import asynccontextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -231,7 +232,8 @@ class Api:
         routes.append(Route("/openapi.json", lambda _r: JSONResponse(document), methods=["GET"]))
         routes.append(Route("/health", self._health, methods=["GET"]))
 
-        async def lifespan(_app: Starlette) -> Any:
+        @asynccontextmanager
+        async def lifespan(_app: Starlette) -> AsyncIterator[None]:
             for c in self.changes.values():
                 c.start()
             yield

@@ -90,7 +90,9 @@ def engine(url: str) -> Engine:
             conn.exec_driver_sql("BEGIN IMMEDIATE")  # writers queue at once instead of failing later
 
         return eng
-    return sa.create_engine(url, pool_size=10, max_overflow=10, pool_pre_ping=True)
+    # no pre-ping (a round trip per request): a connection the server dropped fails one request,
+    # and the pool replaces it
+    return sa.create_engine(url, pool_size=10, max_overflow=10, pool_recycle=3600)
 
 
 def migrate(eng: Engine) -> dict[str, int]:

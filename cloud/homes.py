@@ -4,7 +4,9 @@ A home's first request (`cloud.hello`) binds its id to the key that signed it (t
 use, as the home does with its devices); every later request must be signed by that key.
 Replay protection is by `seq`: a home sends several requests at once (a long-poll is open while
 a report goes out), so they may arrive out of order; a seq is accepted once, and only within a
-window below the highest seen (as IPsec's anti-replay window), never by time.
+window below the highest seen, never by time. The window is IPsec's (RFC 4303, 3.4.3): the
+highest seq and a bitmask of the 63 below it, on the home's row, read and written under that
+row's lock (SELECT … FOR UPDATE): two statements per request, whatever the process.
 The cloud signs its replies with its own key, kept in the database so that every server
 process signs with the same one.
 """
@@ -24,8 +26,9 @@ from homenet.schemas.signing import b64, fingerprint, unb64
 
 from .db import Migration, create, metadata, migrations, server_meta
 
-REPLAY_WINDOW = 256
-"""How far below the highest seq a home has used a late request may still arrive."""
+REPLAY_WINDOW = 63
+"""How far below the highest seq a home has used a late request may still arrive (the bits of
+a signed 64-bit column)."""
 
 homes = sa.Table(
     "homes", metadata,
@@ -33,14 +36,11 @@ homes = sa.Table(
     sa.Column("public_key", sa.String(64), nullable=False),
     sa.Column("region", sa.String(64), nullable=False, server_default=""),
     sa.Column("high_seq", sa.BigInteger, nullable=False, server_default="0"),
+    sa.Column("seen_mask", sa.BigInteger, nullable=False, server_default="0",
+              comment="bit i set: seq high_seq - 1 - i was accepted"),
     sa.Column("created", sa.DateTime(timezone=True), nullable=False, server_default=sa.func.now()),
 )
-seen = sa.Table(
-    "seen_seqs", metadata,
-    sa.Column("home_id", sa.String(64), primary_key=True),
-    sa.Column("seq", sa.BigInteger, primary_key=True),
-)
-migrations("homes", Migration(1, create(homes, seen)))
+migrations("homes", Migration(1, create(homes)))
 
 
 class Refused(Exception):
@@ -63,7 +63,7 @@ class Home:
 def authenticate(conn: Connection, envelope: Envelope, body: object) -> Home:
     """The home that sent this signed request, after its signature and seq are checked and the
     seq recorded (in `conn`'s transaction: a refused request leaves nothing behind)."""
-    row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender)).first()
+    row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender).with_for_update()).first()
     if isinstance(body, Hello):
         key = unb64(body.public_key)
         if key is None or len(key) != 32:
@@ -74,7 +74,7 @@ def authenticate(conn: Connection, envelope: Envelope, body: object) -> Home:
         if row is None:
             conn.execute(homes.insert().values(home_id=envelope.sender, public_key=body.public_key,
                                                region=body.region))
-            row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender)).one()
+            row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender).with_for_update()).one()
         elif row.public_key != body.public_key:
             raise Refused(403, f"another key ({fingerprint(unb64(row.public_key) or b'')}) is bound to "
                                f"home {envelope.sender!r}")
@@ -85,24 +85,28 @@ def authenticate(conn: Connection, envelope: Envelope, body: object) -> Home:
     elif not signed_by(envelope, unb64(row.public_key)):
         raise Refused(401, f"bad or missing signature: {envelope.kind} not signed by the key bound to home "
                            f"{envelope.sender!r}")
-    _check_seq(conn, row.home_id, row.high_seq, envelope.seq)
+    _check_seq(conn, row.home_id, row.high_seq, row.seen_mask, envelope.seq)
     return Home(row.home_id, row.public_key, body.region if isinstance(body, Hello) else row.region)
 
 
-def _check_seq(conn: Connection, home_id: str, high: int, seq: int) -> None:
-    replay = Refused(409, f"replayed or out of order: seq {seq} from home {home_id!r} was already used "
-                          f"or is too far below {high}, the highest seen")
-    if seq <= high - REPLAY_WINDOW:
-        raise replay
-    try:
-        with conn.begin_nested():
-            conn.execute(seen.insert().values(home_id=home_id, seq=seq))
-    except sa.exc.IntegrityError:
-        raise replay from None
+def accept_seq(high: int, mask: int, seq: int) -> tuple[int, int] | None:
+    """Pure: the window after accepting `seq`, or None when it is a replay or too old."""
     if seq > high:
-        conn.execute(homes.update().where(homes.c.home_id == home_id, homes.c.high_seq < seq).values(high_seq=seq))
-        if seq % 64 == 0:  # the window's tail is no longer needed
-            conn.execute(seen.delete().where(seen.c.home_id == home_id, seen.c.seq <= seq - REPLAY_WINDOW))
+        shift = seq - high
+        mask = ((mask << shift) | (1 << (shift - 1))) & ((1 << REPLAY_WINDOW) - 1) if shift <= REPLAY_WINDOW else 0
+        return seq, mask
+    bit = high - seq - 1
+    if seq == high or bit >= REPLAY_WINDOW or mask & (1 << bit):
+        return None
+    return high, mask | (1 << bit)
+
+
+def _check_seq(conn: Connection, home_id: str, high: int, mask: int, seq: int) -> None:
+    window = accept_seq(high, mask, seq)
+    if window is None:
+        raise Refused(409, f"replayed or out of order: seq {seq} from home {home_id!r} was already used "
+                           f"or is more than {REPLAY_WINDOW} below {high}, the highest seen")
+    conn.execute(homes.update().where(homes.c.home_id == home_id).values(high_seq=window[0], seen_mask=window[1]))
 
 
 def server_key(conn: Connection) -> KeyPair:

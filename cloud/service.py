@@ -11,6 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 import sqlalchemy as sa
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import Connection
 
 from homenet.schemas.cloud import Backup, BackupQuery, EquipmentProfile, Hello, ProfileQuery, Report, ReportKind
@@ -56,16 +57,18 @@ backups = sa.Table(
 migrations("service", Migration(1, create(profiles, reports, backups)))
 
 
-def store_report(conn: Connection, table: sa.Table, home: Home, report: Report, **columns: Any) -> dict[str, Any]:
+def insert_once(conn: Connection, table: sa.Table, **values: Any) -> bool:
+    """INSERT … ON CONFLICT DO NOTHING (both dialects have it); False when the row was there."""
+    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
+    return conn.execute(insert.values(**values).on_conflict_do_nothing().returning(table.c.n)).first() is not None
+
+
+def store_report(conn: Connection, table: sa.Table, home: Home, report: Report) -> dict[str, Any]:
     """Keep a report once: a second delivery of the same id (the home did not get our reply)
     is acknowledged again and not stored twice."""
-    try:
-        with conn.begin_nested():
-            conn.execute(table.insert().values(home_id=home.home_id, report_id=report.report_id,
-                                               device_id=report.device_id, data=report.data, **columns))
-    except sa.exc.IntegrityError:
-        return {"stored": False, "duplicate": True}
-    return {"stored": True, "duplicate": False}
+    stored = insert_once(conn, table, home_id=home.home_id, report_id=report.report_id, device_id=report.device_id,
+                         data=report.data)
+    return {"stored": stored, "duplicate": not stored}
 
 
 # --- home routes ---------------------------------------------------------------------------

@@ -497,6 +497,22 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
     run_onboard(count, list(brokers) or ["amqtt", "mosquitto"])
 
 
+@bench.command("cloud")
+@click.option("--homes", default=1000, show_default=True, type=click.IntRange(min=1), help="Simulated homes.")
+@click.option("--devices", default=20, show_default=True, type=click.IntRange(min=1), help="Devices per home.")
+@click.option("--servers", "servers", multiple=True, type=click.IntRange(min=1),
+              help="`cloud run` processes on one PostgreSQL (repeatable; default 1 then 2).")
+@click.option("--processes", default=2, show_default=True, help="Load generator processes.")
+@click.option("--threads", default=16, show_default=True, help="Concurrent homes per load process.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="Results as JSON.")
+def bench_cloud(homes: int, devices: int, servers: tuple[int, ...], processes: int, threads: int,
+                json_out: Path | None) -> None:
+    """Homes onboarding devices against `homenet cloud run` on PostgreSQL: req/s, p50/p99."""
+    from homenet.bench.cloud import run_cloud
+
+    run_cloud(homes, devices, list(servers) or [1, 2], processes, threads, json_out)
+
+
 @bench.command("storm")
 @click.option("--agents", "counts", multiple=True, type=click.IntRange(min=1),
               help="Agents that connect and register at once (repeatable; default 250, 1000, 5000).")

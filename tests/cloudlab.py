@@ -1,90 +1,19 @@
-"""The cloud side for tests: a real PostgreSQL server, `homenet cloud run` processes, a signed home.
-
-PostgreSQL is Debian's: `initdb` and `postgres` in a temp dir as an unprivileged user (it
-refuses to run as root), on a free loopback port and a socket in the temp dir, stopped by PID.
-"""
+"""The cloud side for tests: `homenet cloud run` processes and their operator API
+(the PostgreSQL server is homenet/postgres.py's)."""
 
 from __future__ import annotations
 
-import glob
 import json
-import os
-import pwd
-import shutil
-import signal
-import subprocess
 import sys
-import tempfile
 import time
 import urllib.error
 import urllib.request
 from pathlib import Path
 from typing import Any
 
-from homenet.keys import KeyPair
 from homenet.netutil import free_port
 
 from .processes import Process
-
-
-def postgres_bin() -> Path | None:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/postgres"))
-    return Path(found[-1]).parent if found else None
-
-
-class Postgres:
-    """One PostgreSQL cluster in a temp dir of its own (pytest's are root-only, and the server
-    runs as another user); `url` names its `homenet` database."""
-
-    def __init__(self) -> None:
-        self.dir = Path(tempfile.mkdtemp(prefix="homenet-pg-"))
-        self.port = free_port()
-        self.bin = postgres_bin()
-        assert self.bin is not None
-        self.proc: subprocess.Popen[bytes] | None = None
-        self.user = "postgres" if os.geteuid() == 0 else pwd.getpwuid(os.geteuid()).pw_name
-
-    def _as_owner(self) -> list[str]:
-        if os.geteuid() != 0:
-            return []
-        entry = pwd.getpwnam(self.user)
-        return ["setpriv", f"--reuid={entry.pw_uid}", f"--regid={entry.pw_gid}", "--clear-groups"]
-
-    def start(self) -> None:
-        (self.dir / "data").mkdir()
-        if os.geteuid() == 0:
-            entry = pwd.getpwnam(self.user)
-            for path in (self.dir, self.dir / "data"):
-                os.chown(path, entry.pw_uid, entry.pw_gid)
-        subprocess.run([*self._as_owner(), str(self.bin / "initdb"), "-D", str(self.dir / "data"), "-U", "homenet",
-                        "-A", "trust", "-E", "UTF8", "--no-sync"], check=True, capture_output=True, cwd=self.dir)
-        with open(self.dir / "log", "ab") as log:
-            self.proc = subprocess.Popen(
-                [*self._as_owner(), str(self.bin / "postgres"), "-D", str(self.dir / "data"), "-p", str(self.port),
-                 "-k", str(self.dir), "-c", "listen_addresses=127.0.0.1", "-c", "fsync=off",
-                 "-c", "max_connections=200"], stdout=log, stderr=subprocess.STDOUT, cwd=self.dir)
-        deadline = time.monotonic() + 30
-        while subprocess.run([str(self.bin / "pg_isready"), "-h", "127.0.0.1", "-p", str(self.port)],
-                             capture_output=True).returncode != 0:
-            if time.monotonic() > deadline or self.proc.poll() is not None:
-                raise RuntimeError(f"postgres did not start: {(self.dir / 'log').read_text()[-2000:]}")
-            time.sleep(0.1)
-        subprocess.run([str(self.bin / "createdb"), "-h", "127.0.0.1", "-p", str(self.port), "-U", "homenet",
-                        "homenet"], check=True, capture_output=True)
-
-    @property
-    def url(self) -> str:
-        return f"postgresql://homenet@127.0.0.1:{self.port}/homenet"
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            os.kill(self.proc.pid, signal.SIGINT)  # fast shutdown
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                os.kill(self.proc.pid, signal.SIGKILL)
-                self.proc.wait()
-        shutil.rmtree(self.dir, ignore_errors=True)
 
 
 def homenet_bin() -> str:
@@ -94,9 +23,8 @@ def homenet_bin() -> str:
 class CloudServer:
     """One `homenet cloud run` process on a free port; its operator token in the temp dir."""
 
-    def __init__(self, tmp: Path, database: str | None, name: str = "cloud", host: str = "127.0.0.1",
-                 prefix: tuple[str, ...] = ()) -> None:
-        self.tmp, self.database, self.name, self.host, self.prefix = tmp, database, name, host, prefix
+    def __init__(self, tmp: Path, database: str | None, name: str = "cloud", host: str = "127.0.0.1") -> None:
+        self.tmp, self.database, self.name, self.host = tmp, database, name, host
         self.port = free_port()
         self.token_file = tmp / "operator.token"
         if not self.token_file.exists():
@@ -108,7 +36,7 @@ class CloudServer:
         return f"http://{self.host}:{self.port}"
 
     def start(self, timeout: float = 30.0) -> None:
-        args = [*self.prefix, homenet_bin(), "cloud", "run", "--listen", f"{self.host}:{self.port}",
+        args = [homenet_bin(), "cloud", "run", "--listen", f"{self.host}:{self.port}",
                 "--data-dir", str(self.tmp / "cloud-data"), "--operator-token-file", str(self.token_file)]
         if self.database:
             args += ["--database", self.database]
@@ -153,7 +81,3 @@ class CloudServer:
                 return reply.status, json.loads(reply.read())
         except urllib.error.HTTPError as exc:
             return exc.code, json.loads(exc.read())
-
-
-def home_key() -> KeyPair:
-    return KeyPair.generate()

@@ -20,7 +20,9 @@ from homenet.schemas.signing import b64
 from homenet.configurator.cloudclient import CloudClient, CloudError
 from homenet.netutil import free_port
 
-from .cloudlab import CloudServer, Postgres, postgres_bin
+from homenet.postgres import Postgres, postgres_bin
+
+from .cloudlab import CloudServer
 from .conftest import IN_CI
 
 NAS = {"maker": "Acme", "model": "NAS 4000", "name": "acme-nas", "qos": "bulk",
@@ -48,12 +50,7 @@ def database(request: pytest.FixtureRequest, tmp_path: Path) -> str | None:
     """A fresh database per test: a new PostgreSQL database on the module's server, or SQLite."""
     if request.param == "sqlite":
         return None
-    pg: Postgres = request.getfixturevalue("postgres")
-    import subprocess
-    name = f"t{next(_databases)}"
-    subprocess.run([str(pg.bin / "createdb"), "-h", "127.0.0.1", "-p", str(pg.port), "-U", "homenet", name],
-                   check=True, capture_output=True)
-    return pg.url.rsplit("/", 1)[0] + "/" + name
+    return request.getfixturevalue("postgres").create_database(f"t{next(_databases)}")
 
 
 @pytest.fixture
@@ -203,3 +200,17 @@ def test_two_processes_on_one_postgresql_serve_any_request(tmp_path: Path, postg
     finally:
         first.kill()
         second.kill()
+
+
+def test_the_replay_window_takes_each_seq_once_and_late_ones_only_within_it() -> None:
+    from homenet.cloud.homes import REPLAY_WINDOW, accept_seq
+    high, mask = accept_seq(0, 0, 10)
+    assert high == 10
+    assert accept_seq(high, mask, 10) is None  # the same seq again
+    high, mask = accept_seq(high, mask, 8)  # late, inside the window
+    assert accept_seq(high, mask, 8) is None and high == 10
+    high, mask = accept_seq(high, mask, 12)
+    assert accept_seq(high, mask, 11) is not None and accept_seq(high, mask, 8) is None  # 8 still remembered
+    assert accept_seq(high, mask, 12 - REPLAY_WINDOW - 1) is None  # too old to tell
+    far, far_mask = accept_seq(high, mask, 12 + REPLAY_WINDOW + 5)
+    assert far_mask == 0 and accept_seq(far, far_mask, far - 1) is not None
