@@ -67,12 +67,16 @@ def gateway() -> None:
 @VERBOSE
 def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...], tls_listen: tuple[str, ...],
                 no_plain: bool, beacon: tuple[str, ...], verbose: bool) -> None:
-    """Run the embedded broker and the configurator (and the beacon) until SIGINT/SIGTERM."""
+    """Run the embedded broker and the configurator (and the beacon) until SIGINT/SIGTERM.
+    When another configurator on the same data directory fences this one, it says so and
+    stands by (the broker and the beacon go on) until that one goes offline."""
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.server import EmbeddedBroker
     from homenet.l2 import NoRawSocket
 
-    from .app import build
+    from .app import GatewayRunning, hold_gateway
+    from .service import Configurator
+    from .standby import Standby
 
     logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
@@ -80,40 +84,51 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
     try:
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
-    except ValueError as exc:
+        held = hold_gateway(conf_settings.data_dir)
+    except (ValueError, GatewayRunning) as exc:
         raise click.ClickException(str(exc)) from None
     plain, tls = settings.broker.listeners, settings.broker.tls_listeners
 
     async def serve() -> None:
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings))
         await broker.start()
-        configurator = build(conf_settings)
-        sender = None
-        try:
-            if settings.beacon.interfaces:
+        loop = asyncio.get_running_loop()
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        sender: BeaconSender | None = None
+
+        def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
+            asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
+            if standby.primary is not None:
+                standby.primary.lan_watch.poke()
+
+        def primary(configurator: Configurator) -> None:
+            """The beacon starts with the first turn, with the epoch claimed then: a new epoch
+            in the beacon tells the devices that the gateway restarted."""
+            nonlocal sender
+            if sender is None and settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
-                loop = asyncio.get_running_loop()
-
-                def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
-                    asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
-                    configurator.lan_watch.poke()
-
                 sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,
                                       _port((plain or tls)[0]), conf_settings.root, settings.beacon.ethertype,
                                       tls=(tls_port, bytes.fromhex(fingerprint)) if tls_port else None,
                                       renumbered=renumbered)
                 sender.start()
-            configurator.start()
-            await _until_signal()
+
+        standby = Standby(conf_settings, on_primary=primary)
+        try:
+            await asyncio.to_thread(standby.run, stop, wait_first=False)
         except (NoRawSocket, OSError) as exc:
             raise click.ClickException(f"beacon: {exc}") from None
         finally:
             if sender:
                 sender.stop()
-            await asyncio.to_thread(configurator.stop)
             await broker.stop()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        held.close()
 
 
 def _port(bind: str) -> int:

@@ -29,6 +29,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -72,6 +73,8 @@ class Watch:
         self.since, self.state = now, None
 
     def heard(self, state: str | None, epoch: int, now: float) -> None:
+        if state is not None and epoch < self.epoch:
+            return  # one fenced since, saying it stood down: the newer one speaks for itself
         self.since, self.state, self.epoch = now, state, epoch
         self.seen_online = self.seen_online or state == "online"
         self.primary_left = self.primary_left or (state == "offline" and self.seen_online)
@@ -86,8 +89,11 @@ class Watch:
 class Standby:
     """One configurator process's turns: standing by while another is online, primary otherwise."""
 
-    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False) -> None:
-        """`standby`: at start, give a primary `standby_grace` seconds to appear, not `SETTLE`."""
+    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False,
+                 on_primary: Callable[[Configurator], None] | None = None) -> None:
+        """`standby`: at start, give a primary `standby_grace` seconds to appear, not `SETTLE`;
+        `on_primary(configurator)`: called each time this process has become the primary."""
+        self.on_primary = on_primary
         self.settings = settings
         self.ident = identity(settings)
         self.topic = Topics(settings.root).configurator_state
@@ -96,10 +102,13 @@ class Standby:
         self.primary: Configurator | None = None
         """The configurator this process runs while it is the primary."""
 
-    def run(self, stop: threading.Event) -> None:
-        """Take turns until `stop` is set."""
-        while self._wait(stop) and not self._serve(stop):
+    def run(self, stop: threading.Event, *, wait_first: bool = True) -> None:
+        """Take turns until `stop` is set; without `wait_first`, be the primary at once (the
+        gateway, whose broker has just started: nobody else can be online on it yet)."""
+        waited = not wait_first or self._wait(stop)
+        while waited and not self._serve(stop):
             self.patience = self.settings.standby_grace
+            waited = self._wait(stop)
 
     def _serve(self, stop: threading.Event) -> bool:
         """Be the primary until `stop` is set (True) or a newer configurator fences this one (False)."""
@@ -110,6 +119,14 @@ class Standby:
             return False
         self.primary = service
         service.start()
+        if self.on_primary is not None:
+            try:
+                self.on_primary(service)
+            except BaseException:
+                self.primary = None
+                service.stop()
+                service.store.close()
+                raise
         while not (stop.wait(POLL) or service.fenced.is_set()):
             pass
         self.primary = None
