@@ -103,10 +103,14 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
             if standby.primary is not None:
                 standby.primary.lan_watch.poke()
 
+        def close_session(client_id: str) -> None:  # a revoked account's connection
+            asyncio.run_coroutine_threadsafe(broker.kick(client_id), loop).result(5)
+
         def primary(configurator: Configurator) -> None:
             """The beacon starts with the first turn, with the epoch claimed then: a new epoch
             in the beacon tells the devices that the gateway restarted."""
             nonlocal sender
+            configurator.close_session = close_session
             if sender is None and settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
                 sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,

@@ -91,6 +91,10 @@ class Configurator:
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
+        self.close_session: Callable[[str], None] | None = None
+        """Closes a client's connection at the broker, where the broker lets the configurator
+        do it (the embedded one, in `homenet gateway run`); Mosquitto's dynamic security closes
+        it itself when the account is deleted."""
         self._stopping = False
         self._replanned = False
         self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
@@ -461,8 +465,11 @@ class Configurator:
         return {"device_id": record.device_id}
 
     def _drop_account(self, name: str) -> None:
+        """Revoke the account and, once that is committed, close the session it logged in."""
         if self.accounts is not None and self.accounts.get(name) is not None:
             self.accounts.remove(name)
+            if self.close_session is not None:
+                self._later(self.close_session, name)
 
     def _user_add(self, command: Command) -> dict[str, Any]:
         """An operator account for `mosquitto_sub` (read-only) or for these commands."""
