@@ -81,7 +81,6 @@ class Agent:
         self.cafile = cafile
         if device.key is None:
             raise ValueError("a device opened read-only has no key to run with")
-        self.key = device.key
         settings, state = device.settings, device.state
         self.device = device
         self.settings = settings
@@ -196,7 +195,7 @@ class Agent:
         _bounded(self.client.loop_stop, STOP_WAIT / 2)
 
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
-        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.key.sign)
+        msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
         self.client.publish(self._topic(channel), payload, qos=1, retain=retain)
         return msg_id, payload
 
@@ -270,6 +269,9 @@ class Agent:
 
     def _on_configurator_state(self, msg: paho.MQTTMessage) -> None:
         envelope, state = self._trusted(msg.payload, "configurator.state")
+        if self._registered_epoch is not None and state.epoch < self._registered_epoch:
+            log.debug("configurator/state of epoch %d ignored: epoch %d is newer", state.epoch, self._registered_epoch)
+            return
         if state.state != "online":
             log.info("configurator %s is offline; waiting", state.configurator_id)
             self.waiting.on(f"configurator {state.configurator_id} to come back online")
@@ -312,7 +314,7 @@ class Agent:
             self.waiting.on(f"the owner to let this device in ({reply.reason})" if reply.status == RegisterStatus.PENDING
                             else f"the owner: registration {reply.status.value} ({reply.reason})")
             if reply.status == RegisterStatus.PENDING:
-                log.warning("pairing code of this device: %s", pairing_code(self.key.public))
+                log.warning("pairing code of this device: %s", pairing_code(self.device.key.public))
 
     def _on_config(self, msg: paho.MQTTMessage) -> None:
         if not msg.payload:  # a cleared retained config

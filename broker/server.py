@@ -183,6 +183,17 @@ class EmbeddedBroker:
         if self._broker is not None:
             await self._broker.drop_orphans()
 
+    async def kick(self, client_id: str) -> bool:
+        """Close `client_id`'s connection now, as amqtt closes one taken over (its will is
+        sent): its account was revoked, and the next login fails. False: not connected."""
+        session, handler = self._broker._sessions.get(client_id, (None, None)) if self._broker else (None, None)
+        if session is None or handler is None or not session.transitions.is_connected():
+            return False
+        log.info("closing the connection of %s: its account was revoked", client_id)
+        await handler.handle_connection_closed()
+        await handler.stop()
+        return True
+
     async def stop(self, timeout: float = 3.0) -> None:
         """amqtt's shutdown has been seen to never return (after "PUBACK for unknown pending
         message"): after `timeout` every connection is dropped, so clients see the broker go

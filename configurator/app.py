@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import fcntl
+import os
 import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO
 
 from homenet.accounts import Accounts, AccountStore, ensure_account
 from homenet.durable import write_atomic
@@ -99,6 +101,30 @@ def _locked(path: Path) -> Iterator[None]:
     with open(path, "a") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         yield  # closing the file releases the lock
+
+
+class GatewayRunning(RuntimeError):
+    """Another `homenet gateway run` holds the data directory."""
+
+
+def hold_gateway(data_dir: Path) -> IO[str]:
+    """Hold `data_dir` for this gateway process until the returned file is closed (or the
+    process ends, however). A second gateway on it would claim the next epoch and fence the
+    first one's configurator while its broker and beacon went on serving the devices."""
+    lock = open(Path(data_dir) / "gateway.lock", "a+")
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        lock.seek(0)
+        pid = lock.read().strip() or "?"
+        lock.close()
+        raise GatewayRunning(f"another homenet gateway (pid {pid}) is running on data directory {data_dir}: "
+                             f"stop it first (a second configurator on the same data directory runs as a "
+                             f"standby: homenet configurator run --standby)") from None
+    lock.truncate(0)
+    lock.write(f"{os.getpid()}\n")
+    lock.flush()
+    return lock
 
 
 def identity(settings: ConfiguratorSettings, accounts: AccountStore | None = None) -> Identity:

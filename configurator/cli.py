@@ -6,6 +6,7 @@ import asyncio
 import signal
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
@@ -91,7 +92,8 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     """Run the broker (embedded amqtt, or Mosquitto as a child: `[broker] engine`) and the
     configurator (and the beacon) until SIGINT/SIGTERM. Under systemd (Type=notify) READY=1 is
     sent once the broker listens and the configurator is online on it, and the watchdog is
-    pinged while both answer."""
+    pinged while both answer. When another configurator on the same data directory fences this
+    one, it says so and stands by (the broker and the beacon go on) until that one goes offline."""
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "broker.listeners": [] if no_plain else (list(listen) or None),
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
@@ -102,14 +104,17 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from homenet.broker.server import EmbeddedBroker
     from homenet.l2 import NoRawSocket
 
-    from .app import build, identity
+    from .app import GatewayRunning, hold_gateway, identity
     from .extensions import Extensions
     from .extensions.http import HttpError
+    from .service import Configurator
+    from .standby import Standby
 
     try:
         engine = choose_engine(settings.broker.engine)
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
-    except (ValueError, EngineMissing) as exc:
+        held = hold_gateway(conf_settings.data_dir)
+    except (ValueError, EngineMissing, GatewayRunning) as exc:
         raise click.ClickException(str(exc)) from None
     plain, tls = settings.broker.listeners, settings.broker.tls_listeners
     child = MosquittoEngine(broker_settings, conf_settings.data_dir, _topics(conf_settings)) \
@@ -126,34 +131,63 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 child.start()
         except Exception as exc:  # amqtt raises BrokerError, wrapping the OSError of a failed bind
             raise click.ClickException(f"broker: {exc}") from None
-        configurator = build(conf_settings, identity(conf_settings, child.accounts) if child else None)
-        extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
         loop = asyncio.get_running_loop()
-        watchdog = sdnotify.Watchdog(lambda: _gateway_problem(loop, configurator))
-        sender = None
-        try:
-            extensions.start()  # before the configurator: nothing it commits is missed
-            if settings.beacon.interfaces:
+        sender: BeaconSender | None = None
+        extensions: Extensions | None = None
+        """Those of the configurator serving now (each turn as the primary has its own)."""
+
+        def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
+            if broker is not None:  # Mosquitto has no take-over trap to clear (amqtt-notes.md)
+                asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
+            if standby.primary is not None:
+                standby.primary.lan_watch.poke()
+
+        def close_session(client_id: str) -> None:  # a revoked account's connection
+            assert broker is not None
+            asyncio.run_coroutine_threadsafe(broker.kick(client_id), loop).result(5)
+
+        def primary(configurator: Configurator) -> None:
+            """Before the configurator starts: its extensions (nothing it commits is missed),
+            and with the first turn the beacon, with the epoch claimed then (a new epoch in the
+            beacon tells the devices that the gateway restarted)."""
+            nonlocal sender, extensions
+            if broker is not None:  # Mosquitto's dynamic security closes a deleted client itself
+                configurator.close_session = close_session
+            extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
+            extensions.start()
+            if sender is None and settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
-
-                def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
-                    if broker is not None:  # Mosquitto has no take-over trap to clear (amqtt-notes.md)
-                        asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
-                    configurator.lan_watch.poke()
-
                 sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,
                                       _port((plain or tls)[0]), conf_settings.root, settings.beacon.ethertype,
                                       tls=(tls_port, bytes.fromhex(fingerprint)) if tls_port else None,
                                       renumbered=renumbered)
                 sender.start()
-            configurator.start()
-            ready = asyncio.create_task(_ready_when(configurator.connected, f"serving on {', '.join(plain + tls)}"))
-            watchdog.start()
-            if child is None:
-                await _until_signal()
-            else:
-                await _until_signal_or(child.exited(), "mosquitto exited with status {}; stopping")
-            ready.cancel()
+
+        def retired(_configurator: Configurator) -> None:
+            nonlocal extensions
+            if extensions is not None:
+                extensions.stop()
+                extensions = None
+
+        standby = Standby(conf_settings, ident=identity(conf_settings, child.accounts) if child else None,
+                          on_primary=primary, on_retire=retired)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watchdog = sdnotify.Watchdog(lambda: _gateway_problem(loop, standby.primary))
+        turns = asyncio.ensure_future(asyncio.to_thread(standby.run, stop, wait_first=False))
+        ready = asyncio.ensure_future(_ready_when(
+            lambda: standby.primary is not None and standby.primary.connected.is_set(),
+            f"serving on {', '.join(plain + tls)}"))
+        died = asyncio.ensure_future(child.exited()) if child is not None else None
+        watchdog.start()
+        try:
+            done, _ = await asyncio.wait({turns, *([died] if died else [])}, return_when=asyncio.FIRST_COMPLETED)
+            if died is not None and died in done:
+                stop.set()
+                await turns
+                raise click.ClickException(f"mosquitto exited with status {died.result()}; stopping")
+            turns.result()
         except HttpError as exc:
             raise click.ClickException(str(exc)) from None
         except (NoRawSocket, OSError) as exc:
@@ -161,16 +195,23 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         finally:
             sdnotify.notify("STOPPING=1")
             watchdog.stop()
+            ready.cancel()
+            if died is not None:
+                died.cancel()
+            stop.set()
+            if not turns.done():
+                await asyncio.wait({turns})
             if sender:
                 sender.stop()
-            await asyncio.to_thread(configurator.stop)
-            await asyncio.to_thread(extensions.stop)
             if broker is not None:
                 await broker.stop()
             if child is not None:
                 child.stop()
 
-    asyncio.run(serve())
+    try:
+        asyncio.run(serve())
+    finally:
+        held.close()
 
 
 def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> None:
@@ -187,20 +228,21 @@ def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> No
         raise click.ClickException(str(exc)) from None
 
 
-async def _ready_when(online: threading.Event, status: str) -> None:
+async def _ready_when(online: Callable[[], bool], status: str) -> None:
     """READY=1 once the configurator is online on the broker: agents can then be served."""
-    while not online.is_set():
+    while not online():
         await asyncio.sleep(0.05)
     sdnotify.notify("READY=1", f"STATUS={status}")
 
 
 def _gateway_problem(loop: asyncio.AbstractEventLoop, configurator: Any) -> str | None:
-    """For the watchdog: the broker's event loop answers and the configurator's threads run."""
+    """For the watchdog: the broker's event loop answers and the configurator's threads run
+    (none runs while this gateway stands by for another configurator: the broker still serves)."""
     try:
         asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
     except (TimeoutError, RuntimeError):
         return "the broker's event loop did not answer within 5 s"
-    return configurator.problem()
+    return configurator.problem() if configurator is not None else None
 
 
 def _port(bind: str) -> int:

@@ -107,6 +107,10 @@ class Configurator:
         """Set when another configurator took over: this one has stopped sending."""
         self.bus = Bus()
         """What was committed, for the extensions (configurator/bus.py)."""
+        self.close_session: Callable[[str], None] | None = None
+        """Closes a client's connection at the broker, where the broker lets the configurator
+        do it (the embedded one, in `homenet gateway run`); Mosquitto's dynamic security closes
+        it itself when the account is deleted."""
         self._stopping = False
         self._replanned = False
         self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
@@ -197,7 +201,7 @@ class Configurator:
         if self.fenced.is_set():
             return
         client.subscribe([(self.topics.device_filter(c), 1) for c in SUBSCRIBED_CHANNELS]
-                         + [(self.topics.command, 1)])
+                         + [(self.topics.command, 1), (self.topics.configurator_state, 1)])
         self._inbox.put(self._caught_up)  # in order: before anything the subscriptions bring
 
     def _caught_up(self) -> None:
@@ -323,12 +327,31 @@ class Configurator:
             actions.append(lambda: action(*args, **kwargs))
 
     def _stand_down(self, reason: str) -> None:
-        """Another configurator has a higher epoch: send nothing more, leave without a will
-        (its `offline` would overwrite the new primary's `online`)."""
+        """Another configurator has a higher epoch: send nothing more but that this one is
+        `offline` (else its retained `online` would stay where the new primary is not, e.g. on
+        a broker of its own), then leave without a will. On a broker they share, the new
+        primary puts its `online` back at once (`_on_configurator_state`)."""
         log.error("standing down: %s", reason)
         self.fenced.set()
         self.connected.clear()
+        try:
+            self.client.publish(self.topics.configurator_state, self._state_payload("offline"), qos=1,
+                                retain=True).wait_for_publish(timeout=2)
+        except (RuntimeError, ValueError, StoreError) as exc:  # not connected; or no seq left to sign with
+            log.warning("could not say offline while standing down: %s", exc)
         self.client.disconnect()
+
+    def _on_configurator_state(self, payload: bytes) -> None:
+        """The retained state must be this primary's `online`: what a configurator that stood
+        down (or a stale one) left there is replaced."""
+        if not payload:
+            self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
+            return
+        _, state = decode(payload, expected_kind="configurator.state")
+        if (state.state, state.epoch) != ("online", self.epoch) and state.epoch <= self.epoch:
+            log.info("configurator/state says %s (epoch %d); this primary (epoch %d) says online again",
+                     state.state, state.epoch, self.epoch)
+            self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
 
     # --- publishing ----------------------------------------------------------------------
 
@@ -378,6 +401,9 @@ class Configurator:
         try:
             if msg.topic == self.topics.command:
                 self._on_command(msg.payload)
+                return
+            if msg.topic == self.topics.configurator_state:
+                self._on_configurator_state(msg.payload)
                 return
             topic = self.topics.parse_device(msg.topic)
             sender = topic.device_id
@@ -505,8 +531,11 @@ class Configurator:
         return {"device_id": record.device_id}
 
     def _drop_account(self, name: str) -> None:
+        """Revoke the account and, once that is committed, close the session it logged in."""
         if self.accounts is not None and self.accounts.get(name) is not None:
             self.accounts.remove(name)
+            if self.close_session is not None:
+                self._later(self.close_session, name)
 
     def _user_add(self, command: Command) -> dict[str, Any]:
         """An operator account for `mosquitto_sub` (read-only) or for these commands."""
