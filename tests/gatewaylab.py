@@ -18,7 +18,6 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-
 from homenet.configurator.app import ADMIN, ADMIN_SECRET
 from homenet.schemas import Topics
 
