@@ -122,6 +122,9 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     if child is not None:
         conf_settings = child.configurator_settings(conf_settings)
 
+    # the accounts (the configurator's, the local operator's) exist before the broker takes a login
+    ident = identity(conf_settings, child.accounts if child else None)
+
     async def serve() -> None:
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings)) if child is None else None
         try:
@@ -169,8 +172,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 extensions.stop()
                 extensions = None
 
-        standby = Standby(conf_settings, ident=identity(conf_settings, child.accounts) if child else None,
-                          on_primary=primary, on_retire=retired)
+        standby = Standby(conf_settings, ident=ident, on_primary=primary, on_retire=retired)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
