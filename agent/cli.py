@@ -102,3 +102,6 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
 def info(config: Path | None, **flags: object) -> None:
     """Print the device info this agent would register, as JSON."""
     click.echo(open_device(_settings(config, **flags)).info().model_dump_json(indent=2))
+
+
+from . import status as _status  # noqa: E402,F401  (registers `status`)

@@ -45,6 +45,7 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
+from . import presence
 from .device import Device
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
                         save_checkpoint)
@@ -140,6 +141,7 @@ class Agent:
 
     def start(self) -> None:
         self._resume_apply()  # first: settings half applied may be what keeps the broker away
+        presence.record(self.settings.data_dir, str(self.broker), False)
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
@@ -200,10 +202,12 @@ class Agent:
         if self.state.state.last_result:  # the broker may have lost retained messages
             self._publish("config/result", "config.result",
                           ConfigResult.model_validate(self.state.state.last_result), retain=True)
+        presence.record(self.settings.data_dir, str(self.broker), True)
         log.info("agent %s connected to %s", self.device_id, self.broker)
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.registered.clear()
+        presence.record(self.settings.data_dir, str(self.broker), False)
         if not self._stop.is_set():
             log.warning("disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 from pathlib import Path
@@ -14,7 +15,7 @@ from homenet import logs
 from homenet.settings import (ConfiguratorSettings, GatewaySettings, SettingsError, load)
 
 from .app import db_path
-from .table import device_detail, device_table
+from .table import device_detail, device_json, device_table
 
 CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
                       help="TOML settings file.")
@@ -234,24 +235,30 @@ def _store(config: Path | None, data_dir: Path | None) -> Any:
     return SqliteStore(path, read_only=True)
 
 
+JSON = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+
+
 @devices.command("list")
 @CONFIG
 @DATA_DIR
-def devices_list(config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_list(config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """One line per device: state, address, QoS, port mappings."""
-    click.echo(device_table(_store(config, data_dir).all()))
+    records = _store(config, data_dir).all()
+    click.echo(json.dumps([device_json(r) for r in records], indent=2) if as_json else device_table(records))
 
 
 @devices.command("show")
 @click.argument("device_id")
 @CONFIG
 @DATA_DIR
-def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_show(device_id: str, config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Everything known about one device."""
     record = _store(config, data_dir).get(device_id)
     if record is None:
         raise click.ClickException(f"no device {device_id!r} in the database")
-    click.echo(device_detail(record))
+    click.echo(json.dumps(device_json(record), indent=2) if as_json else device_detail(record))
 
 
 BROKER = click.option("--broker", help="Broker of the running configurator (default: this gateway's).")
@@ -396,3 +403,6 @@ def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: floa
 
     run_storm(list(counts) or [250, 1000, 5000], list(brokers) or ["amqtt", "mosquitto"], timeout, processes,
               profile, footprint, json_out, keep, renumber)
+
+
+from . import cli_read  # noqa: E402,F401  (registers `users list` and `watch`)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from homenet.schemas.messages import IgmpItem, PortMappingItem, QosItem
 
 from .records import DeviceRecord
@@ -29,6 +31,12 @@ def device_table(records: list[DeviceRecord]) -> str:
     if not records:
         return "no devices registered yet"
     return render([_row(r) for r in records], COLUMNS)
+
+
+def device_json(r: DeviceRecord) -> dict[str, Any]:
+    """The record for scripts: everything but the raw signed config payload (the config is there parsed)."""
+    return {**r.model_dump(mode="json", exclude={"config_payload"}), "address": r.address or None,
+            "version": r.version}
 
 
 def device_detail(r: DeviceRecord) -> str:
