@@ -19,7 +19,7 @@ from typing import Any
 
 import click
 
-from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.mqtt import BrokerUrl, make_client, session, set_nodelay
 
 NOISE = ("v", "id", "seq", "time", "sig")
 KEYS = ("public_key", "key")
@@ -121,15 +121,7 @@ def watch(url: str, topic_filter: str, login: tuple[str, str] | None, cafile: Pa
             done.set()
 
     client.on_connect, client.on_message = on_connect, on_message
-    try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the broker at {broker}: {exc}") from None
-    client.loop_start()
-    try:
+    with session(client, broker):
         done.wait()
-    finally:
-        client.disconnect()
-        client.loop_stop()
     if refused:
         raise ConnectionError(f"the broker at {broker} refused the login: {refused[0]}")

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 import ssl
 from dataclasses import dataclass
 from pathlib import Path
@@ -86,3 +88,19 @@ def make_client(client_id: str, *, clean_session: bool = False,
     client.on_connect_fail = lambda _c, _u: log.warning(
         "%s cannot reach the broker; retrying with backoff", client_id)
     return client
+
+
+@contextmanager
+def session(client: paho.Client, broker: BrokerUrl) -> Iterator[paho.Client]:
+    """A short-lived client connected (its loop running) for the `with` block: a command, a watch.
+    An unreachable broker is a ConnectionError naming it."""
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the broker at {broker}: {exc}") from None
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()
