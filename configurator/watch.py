@@ -2,8 +2,8 @@
 `mosquitto_sub -v -t 'homenet/#' | jq`).
 
 One line per message: time, the topic under the root (the tree), the kind, the sender and
-the body, without the envelope's bookkeeping (id, seq, time, v) and the signature, with keys
-cut to a fingerprint-length prefix. Colour on a terminal (by kind and outcome: a failed
+the body, without the envelope's bookkeeping (id, seq, time, v), the signature and empty
+fields, with keys cut to a fingerprint-length prefix. Colour on a terminal (by kind and outcome: a failed
 result or an error event in red). `--raw`: one JSON object per line, the payload parsed, for
 `jq` and scripts. `format_line` and `raw_line` are pure; `watch` is the MQTT adapter.
 """
@@ -38,10 +38,10 @@ def _parse(payload: bytes) -> Any:
 
 
 def _short(value: Any) -> Any:
-    """Keys and signatures are 44-char base64: the first 12 say which one it is."""
+    """Keys are 44-char base64: the first 12 say which one it is. Empty fields say nothing."""
     if isinstance(value, dict):
         return {k: (v[:12] + "…" if k in KEYS and isinstance(v, str) and len(v) > 16 else _short(v))
-                for k, v in value.items()}
+                for k, v in value.items() if v not in (None, "", [], {})}
     if isinstance(value, list):
         return [_short(v) for v in value]
     return value
