@@ -114,3 +114,6 @@ def info(config: Path | None, **flags: object) -> None:
     """Print the device info this agent would register, as JSON (writes nothing: before the
     first `run` there is no key yet, and `public_key` is null)."""
     click.echo(open_device(_settings(config, **flags), read_only=True).info().model_dump_json(indent=2))
+
+
+from . import status as _status  # noqa: E402,F401  (registers `status`)

@@ -50,6 +50,7 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
+from . import presence
 from .device import Device
 from .waiting import Waiting
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
@@ -175,6 +176,7 @@ class Agent:
         def begin() -> None:
             self._resume_apply()  # first: settings half applied may be what keeps the broker away
             self._seq.reserve()  # the disk sync before connecting, not between CONNACK and register
+            presence.record(self.settings.data_dir, str(self.broker), False)
             self._connect()
         threading.Thread(target=begin, name="agent-start", daemon=True).start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
@@ -242,11 +244,13 @@ class Agent:
         if self.state.state.last_result:  # the broker may have lost retained messages
             self._publish("config/result", "config.result",
                           ConfigResult.model_validate(self.state.state.last_result), retain=True)
+        presence.record(self.settings.data_dir, str(self.broker), True)
         log.info("agent %s connected to %s", self.device_id, self.broker)
         self.waiting.on(f"a configurator to come online (retained {self.topics.configurator_state} on {self.broker})")
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.registered.clear()
+        presence.record(self.settings.data_dir, str(self.broker), False)
         if not self._stop.is_set():
             # a normal disconnection is the agent's own (e.g. to log in with a new account)
             log.log(logging.WARNING if reason.is_failure else logging.INFO,

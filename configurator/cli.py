@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from homenet import DISTRIBUTION, logs, sdnotify
 from homenet.settings import BrokerSettings, ConfiguratorSettings, GatewaySettings, SettingsError, load
 
 from .app import db_path
-from .table import device_detail, device_table
+from .table import device_detail, device_json, device_table
 
 CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
                       help="TOML settings file.")
@@ -371,19 +372,25 @@ def _store(config: Path | None, data_dir: Path | None) -> Any:
                                    f"cannot read {path}: permission denied (run it as the gateway's user or root)") from None
 
 
+JSON = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
+
+
 @devices.command("list")
 @CONFIG
 @DATA_DIR
-def devices_list(config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_list(config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """One line per device: state, address, QoS, port mappings."""
-    click.echo(device_table(_store(config, data_dir).all()))
+    records = _store(config, data_dir).all()
+    click.echo(json.dumps([device_json(r) for r in records], indent=2) if as_json else device_table(records))
 
 
 @devices.command("show")
 @click.argument("device_id")
 @CONFIG
 @DATA_DIR
-def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_show(device_id: str, config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Everything known about one device."""
     from .cloudstate import cloud_detail
 
@@ -391,6 +398,9 @@ def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> 
     record = store.get(device_id)
     if record is None:
         raise click.ClickException(f"no device {device_id!r} in the database")
+    if as_json:
+        click.echo(json.dumps(device_json(record), indent=2))
+        return
     click.echo(device_detail(record))
     if cloud := cloud_detail(store.path.parent, device_id):
         click.echo(cloud)
@@ -640,3 +650,6 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
         if tail:
             click.echo("last lines of the agent's output:\n  " + "\n  ".join(tail), err=True)
         raise SystemExit(1)
+
+
+from . import cli_read  # noqa: E402,F401  (registers `users list` and `watch`)
