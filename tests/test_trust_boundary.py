@@ -15,7 +15,6 @@ import importlib.metadata
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -32,20 +31,8 @@ from homenet.schemas.messages import Command, Rpc
 from . import rawmqtt
 from .harness import Gateway, retained, wait_until
 from .processes import Process
-from .test_security import enrolled, secured
-
-BROKERS = ["amqtt", "mosquitto"]
-
-
-@pytest.fixture(params=BROKERS)
-def secure(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
-    yield from secured(request.param, tmp_path)
-
-
-@pytest.fixture
-def secure_amqtt(tmp_path: Path) -> Iterator[Gateway]:
-    yield from secured("amqtt", tmp_path)
-
+from .test_embedded_broker import Client
+from .test_security import enrolled, secure, secure_amqtt  # noqa: F401 (fixtures)
 
 class Home:
     """Two enrolled agents, the retained messages as they stand, and the checks after an attack."""
@@ -192,27 +179,21 @@ def test_a_re_login_while_the_old_connection_is_held_open_is_not_deaf(tmp_path: 
         publisher.loop_start()
         publisher.publish(config, b"config v1", qos=1, retain=True).wait_for_publish(5)
 
-        got: list[bytes] = []
-        again = make_client("dev-x", clean_session=False)
-        again.on_connect = lambda c, *_: c.subscribe(config, qos=1)
-        again.on_message = lambda _c, _u, msg: got.append(bytes(msg.payload))
-        again.connect("127.0.0.1", broker.port)
-        again.loop_start()
-        wait_until(lambda: b"config v1" in got, timeout=10, what="the retained config on the new connection")
+        again = Client(broker.port, "dev-x", config)  # a persistent session, as agents have
+        wait_until(lambda: (config, b"config v1") in again.received, timeout=10,
+                   what="the retained config on the new connection")
         publisher.publish(config, b"config v2", qos=1, retain=True).wait_for_publish(5)
-        wait_until(lambda: b"config v2" in got, timeout=10, what="a live config on the new connection")
-        assert again.is_connected()
-        watcher_got: list[bytes] = []
-        watcher = make_client("status-watcher", clean_session=True)
-        watcher.on_connect = lambda c, *_: c.subscribe(status, qos=1)
-        watcher.on_message = lambda _c, _u, msg: watcher_got.append(bytes(msg.payload))
-        watcher.connect("127.0.0.1", broker.port)
-        watcher.loop_start()
+        wait_until(lambda: (config, b"config v2") in again.received, timeout=10,
+                   what="a live config on the new connection")
+        assert again.client.is_connected()
+        watcher = Client(broker.port, "status-watcher", status)
+        wait_until(watcher.subscribed.is_set, what="the watcher subscribed")
         time.sleep(0.5)
-        assert b"WILL-OF-THE-OLD" not in watcher_got, "the superseded connection's will was published"
-        for client in (again, publisher, watcher):
-            client.disconnect()
-            client.loop_stop()
+        assert not any(p == b"WILL-OF-THE-OLD" for _, p in watcher.received), "the superseded connection's will"
+        again.close()
+        watcher.close()
+        publisher.disconnect()
+        publisher.loop_stop()
     finally:
         old.close()
         broker.stop()
