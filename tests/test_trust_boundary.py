@@ -12,6 +12,7 @@ dynamic security; `secure_amqtt` is for what only our broker does.
 from __future__ import annotations
 
 import importlib.metadata
+import os
 import subprocess
 import sys
 import time
@@ -22,13 +23,14 @@ from typing import Any
 import pytest
 
 from homenet.agent.service import Agent
-from homenet.brokers import Embedded, wait_listening
+from homenet.brokers import Embedded, Mosquitto, wait_listening
 from homenet.mqtt import make_client
 from homenet.netutil import free_port
 from homenet.schemas import encode
 from homenet.schemas.messages import Command, Rpc
 
 from . import rawmqtt
+from .conftest import require_program
 from .harness import Gateway, retained, wait_until
 from .processes import Process
 from .test_embedded_broker import Client
@@ -398,3 +400,32 @@ def test_a_connection_closed_before_connect_is_closed_by_the_broker_too(secure_a
         rawmqtt.open_connection(secure_amqtt.broker.port).close()
     wait_until(lambda: broker_sockets(secure_amqtt.broker.port).get("CLOSE_WAIT", 0) == 0, timeout=3,
                what="no CLOSE_WAIT left")
+
+
+def test_the_mosquitto_recipe_keeps_every_account_across_a_mosquitto_restart(tmp_path: Path) -> None:
+    """docs/security.md: Mosquitto as Debian runs it (dropping to user `mosquitto`), its
+    dynsec.json handed to that user. Without the `chown` every account the configurator made,
+    its own included, was lost at the next restart and the configurator looped on "Not
+    authorized"."""
+    if os.geteuid() != 0:
+        pytest.skip("Mosquitto drops to its own user only when started as root (CI runs as root)")
+    missing = Mosquitto.dynsec_missing()
+    if missing:
+        require_program(missing)
+    broker = Mosquitto(dynsec=True, user="mosquitto")
+    broker.start()
+    gateway = Gateway(broker, tmp_path, dynsec_admin=broker.admin)
+    try:
+        gateway.start()
+        agent, _ = enrolled(gateway, "nas", "r-a1")
+        broker.halt()
+        broker.start()
+        saved = broker.dynsec_file.read_text()
+        assert '"r-a1"' in saved and '"configurator"' in saved
+        wait_until(lambda: agent.client.is_connected() and agent.state.state.username == "r-a1",
+                   timeout=20, what="r-a1 logged in again with its account")
+        wait_until(gateway.configurator.connected.is_set, timeout=20, what="the configurator logged in again")
+        enrolled(gateway, "camera", "r-a2")
+    finally:
+        gateway.close()
+        broker.stop()
