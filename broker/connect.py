@@ -192,7 +192,7 @@ class AuthFirstConnect(IndexedRouting):
         previous = self._sessions.get(client_id)
         if ended is None or previous is None:
             return
-        _session, handler = previous
+        session, handler = previous
         log.info("client %s connected again: its earlier connection is closed without its will", client_id)
         self._superseded.add(handler)
         if isinstance(handler.writer, StreamWriterAdapter):
@@ -201,7 +201,10 @@ class AuthFirstConnect(IndexedRouting):
         try:
             await asyncio.wait_for(ended.wait(), TAKEOVER_WAIT)
         except asyncio.TimeoutError:
-            log.warning("the earlier connection of %s did not end within %g s", client_id, TAKEOVER_WAIT)
+            log.warning("the earlier connection of %s did not end within %g s; its session is "
+                        "handed over regardless", client_id, TAKEOVER_WAIT)
+            if session.transitions.is_connected():
+                session.transitions.disconnect()
 
     async def _stored_or_new(self, incoming: Session) -> Session:
         """amqtt's session step, now that the client is who it says it is. The keepalive gets
