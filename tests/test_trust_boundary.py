@@ -13,9 +13,11 @@ from __future__ import annotations
 
 import importlib.metadata
 import os
+import resource
 import subprocess
 import sys
 import time
+from collections.abc import Iterator
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
@@ -272,7 +274,19 @@ sys.stdin.readline()
 """
 
 
-def test_a_flood_of_half_open_connections_is_shed_and_the_gateway_recovers(tmp_path: Path) -> None:
+@pytest.fixture
+def gateway_fd_limit() -> Iterator[None]:
+    """Room for 2,000 connections in the broker this test starts, as the gateway unit's
+    LimitNOFILE gives it (a shell's soft limit of 1,024 would make the broker's total cap bite)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = max(hard, 16384) if os.geteuid() == 0 else hard  # root may raise the hard limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(16384, raised), raised))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_flood_of_half_open_connections_is_shed_and_the_gateway_recovers(tmp_path: Path,
+                                                                           gateway_fd_limit: None) -> None:
     """Attack 5: 2,000 connections that never send CONNECT, half closed at once (left in
     CLOSE_WAIT by the broker before), half held open, and one address over its cap. The
     broker runs as `homenet broker run` and the flood as another process, as on a gateway.
