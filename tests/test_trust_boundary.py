@@ -24,12 +24,16 @@ from typing import Any
 
 import pytest
 
+from homenet.accounts import Accounts
 from homenet.agent.service import Agent
 from homenet.brokers import Embedded, Mosquitto, wait_listening
+from homenet.configurator.operator import send_command
+from homenet.keys import KeyPair
 from homenet.mqtt import make_client
 from homenet.netutil import free_port
 from homenet.schemas import encode
-from homenet.schemas.messages import Command, Rpc
+from homenet.schemas.messages import Command, DeviceInfo, Interface, Rpc
+from homenet.schemas.signing import b64
 
 from . import rawmqtt
 from .conftest import require_program
@@ -440,6 +444,50 @@ def test_the_mosquitto_recipe_keeps_every_account_across_a_mosquitto_restart(tmp
                    timeout=20, what="r-a1 logged in again with its account")
         wait_until(gateway.configurator.connected.is_set, timeout=20, what="the configurator logged in again")
         enrolled(gateway, "camera", "r-a2")
+    finally:
+        gateway.close()
+        broker.stop()
+
+
+def fake_register(port: int, device_id: str) -> None:
+    """A register as a fake device sends it: its own key, correctly signed, never confirmed."""
+    key = KeyPair.generate()
+    info = DeviceInfo(device_id=device_id, device_type="nas", interfaces=[Interface(name="eth0", mac="02:00:00:00:00:42")],
+                      public_key=b64(key.public), needs_credentials=True)
+    _, payload = encode("register", info, sender=device_id, seq=1, sign=key.sign)
+    client = make_client(device_id, clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(f"homenet/v1/device/{device_id}/register", payload, qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_a_registration_flood_gets_no_more_than_the_budget_of_new_devices(tmp_path: Path) -> None:
+    """Point 7: 30 fake devices register (signed, each with its own key) and never confirm.
+    Only `max_new_devices` of them get a record and an account; the rest are dropped with a
+    `registration.limited` event. A real device that comes meanwhile is dropped too, and gets
+    in by itself (it registers again) once a place is free: here the owner forgets a fake."""
+    accounts = tmp_path / "gateway" / "broker-accounts.json"
+    broker = Embedded(accounts_file=accounts)
+    broker.start()
+    gateway = Gateway(broker, tmp_path, accounts_file=accounts, max_new_devices=6)
+    try:
+        gateway.start()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: fake_register(broker.port, f"fake-{n:02d}"), range(30)))
+        event = gateway.watcher.wait_event("registration.limited", reason="register(s) of new devices dropped")
+        assert "max_new_devices" in event["reason"]
+        real = gateway.agent("nas", "r-real", info_interval=0.5, register_retry=1.0)
+        wait_until(lambda: real._register_sent and time.monotonic() - real._register_sent > 0.5,
+                   what="the real device's register sent")
+        assert gateway.record("r-real") is None
+        enrolled_fakes = sorted(r.device_id for r in gateway.configurator.store.all())
+        assert len(enrolled_fakes) == 6 and all(d.startswith("fake-") for d in enrolled_fakes)
+        fake_accounts = [a.name for a in Accounts(accounts).all() if a.name.startswith("fake-")]
+        assert len(fake_accounts) == 6
+        send_command(broker.url, Command(op="forget", device_id=enrolled_fakes[0]), "homenet/v1", gateway.admin)
+        gateway.wait_configured("r-real", timeout=20)
     finally:
         gateway.close()
         broker.stop()
