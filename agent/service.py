@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -101,6 +102,8 @@ class Agent:
         self.waiting = Waiting(log)
         self._registered_epoch: int | None = None
         self._register_id = ""
+        self._register_sent = 0.0
+        """When the last register went out, unanswered (0 once answered): see _retry_register."""
         self._last_info: DeviceInfo | None = None
         self._stop = threading.Event()
         self.registered = threading.Event()
@@ -284,12 +287,25 @@ class Agent:
             if self._registered_epoch == state.epoch:
                 return
             self._registered_epoch = state.epoch
-        info = self.device_info()
-        self._register_id, _ = self._publish("register", "register", info)
-        self._last_info = info
+        self._register()
         self.waiting.on(f"configurator {state.configurator_id} to answer the registration")
         log.info("found configurator %s (epoch %d); registering as %s (%s)",
                  state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
+
+    def _register(self) -> None:
+        info = self.device_info()
+        self._register_id, _ = self._publish("register", "register", info)
+        self._register_sent = time.monotonic()
+        self._last_info = info
+
+    def _retry_register(self) -> None:
+        """A register may be dropped on its way (a configurator over its budget of new devices,
+        a broker's full queue): unanswered after `register_retry` seconds, it is sent again."""
+        retry = self.settings.register_retry
+        if (self._register_sent and time.monotonic() - self._register_sent > retry
+                and self.client.is_connected() and not self.registered.is_set()):
+            log.info("no answer to the register after %g s; registering again", retry)
+            self._register()
 
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
         envelope, reply = self._trusted(msg.payload, "register.reply")
@@ -299,6 +315,7 @@ class Agent:
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
+        self._register_sent = 0.0
         if reply.status == RegisterStatus.ACCEPTED:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
@@ -430,6 +447,7 @@ class Agent:
     def _watch_info(self) -> None:
         while not self._stop.wait(self.settings.info_interval):
             try:
+                self._retry_register()
                 self._send_info_if_changed()
             except Exception:
                 log.exception("collecting device info failed")

@@ -54,6 +54,7 @@ from .gateway import GatewayDriver
 from .gatewaystate import Published
 from .holdings import Holdings
 from .ipam import LanPlan
+from .newcomers import Newcomers
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
@@ -102,6 +103,10 @@ class Configurator:
         self._seq = SequenceCounter(int(store.meta().get("seq_reserved", 0)),
                                     lambda ceiling: store.set_meta_now(seq_reserved=ceiling))
         self.holdings = Holdings(store.all())
+        hosts = max(1, self.driver.lan().subnet.num_addresses - 2)
+        self.newcomers = Newcomers(settings.max_new_devices or hosts)
+        self._limited = [0, 0.0]
+        """Registers dropped by the budget since the last event, and when that was."""
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
@@ -562,6 +567,7 @@ class Configurator:
         """Remove the device and everything set for it; if it comes back it registers afresh."""
         record = self._known(command)
         self.store.delete(record.device_id)
+        self.newcomers.settled(record.device_id)
         self.holdings.remove(record.device_id)
         self._drop_account(record.device_id)
         self._later(self.driver.remove, record.device_id)
@@ -626,6 +632,9 @@ class Configurator:
         if record is not None and record.state == State.REJECTED:
             self._reply(record.device_id, envelope.id, RegisterStatus.REJECTED, "rejected by the owner")
             return
+        if record is None and not self.newcomers.admit(info.device_id, time.monotonic()):
+            self._registration_limited(info.device_id)
+            return
         is_new = record is None
         record = (record or DeviceRecord(device_id=info.device_id, info=info)).model_copy(update={
             "info": info, "last_seq": envelope.seq, "online": True, "updated": now(),
@@ -637,6 +646,17 @@ class Configurator:
             self._hold(record)
         else:
             self._accept(record, Event.ACCEPT)
+
+    def _registration_limited(self, device_id: str) -> None:
+        """Nothing stored, no reply: the device registers again (agents retry after 30 s).
+        One event per 5 s at most, counting every register dropped."""
+        self._limited[0] += 1
+        if time.monotonic() - self._limited[1] < 5:
+            return
+        count, self._limited = self._limited[0], [0, time.monotonic()]
+        self.event("registration.limited", Severity.WARNING, device_id=device_id,
+                   reason=f"{count} register(s) of new devices dropped: {len(self.newcomers)} new devices have "
+                          f"not confirmed their first config yet, the limit (max_new_devices)", dropped=count)
 
     def _hold(self, record: DeviceRecord) -> None:
         """Enrollment needs the owner: the device waits, told how to let it in."""
@@ -706,6 +726,7 @@ class Configurator:
             "state": advance(record.state, Event.RESULT_OK if ok else Event.RESULT_FAILED)})
         self._put(record)
         if ok:
+            self.newcomers.settled(record.device_id)
             self.event("config.applied", device_id=record.device_id, version=result.version)
         else:
             failed = {r.item: r.detail for r in result.items
