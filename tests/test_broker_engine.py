@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import signal
+import subprocess
 from pathlib import Path
 
 import psutil
@@ -35,7 +36,7 @@ def mosquitto_gateway(tmp_path: Path, processes: Processes):  # noqa: F811
 
 
 def test_gateway_on_mosquitto_onboards_a_device_and_stops_its_broker(
-        mosquitto_gateway, tmp_path: Path, processes: Processes) -> None:  # noqa: F811
+        mosquitto_gateway, tmp_path: Path, processes: Processes, mosquitto_sub: str) -> None:  # noqa: F811
     gateway, port, data = mosquitto_gateway
     [child] = mosquitto_children(gateway.pid)
     # over IPv6 while the configurator inside uses IPv4 loopback, as with the embedded broker
@@ -47,10 +48,25 @@ def test_gateway_on_mosquitto_onboards_a_device_and_stops_its_broker(
     assert "nas-m" in run(HOMENET, "devices", "show", "nas-m", "--data-dir", str(data)).stdout
     assert (data / "mosquitto" / "passwords").stat().st_mode & 0o007 == 0
 
+    # homenet.acl.RULES hold on Mosquitto: the operator reads a device's retained config but
+    # not its register/reply (it carries the device's password); an anonymous client neither
+    config = "homenet/v1/device/nas-m/config"
+    admin = ["-u", "admin", "-P", (data / "admin.secret").read_text().strip()]
+    assert b'"kind":"config"' in subscribe(mosquitto_sub, port, config, *admin)
+    assert subscribe(mosquitto_sub, port, "homenet/v1/device/nas-m/register/reply", *admin) == b""
+    assert subscribe(mosquitto_sub, port, config, "-i", "nosy-1") == b""
+
     assert processes.stop(agent)[0] == 0
     code, out = processes.stop(gateway)
     assert code == 0, out
     assert not child.is_running() or child.status() == psutil.STATUS_ZOMBIE
+
+
+def subscribe(mosquitto_sub: str, port: int, topic: str, *login: str) -> bytes:
+    """What `topic` delivers within 2 s (its retained message, or nothing)."""
+    done = subprocess.run([mosquitto_sub, "-p", str(port), "-h", "127.0.0.1", "-t", topic, "-C", "1", "-W", "2",
+                           *login], capture_output=True, timeout=10)
+    return done.stdout
 
 
 def test_when_its_mosquitto_dies_the_gateway_says_so_and_exits(mosquitto_gateway, processes: Processes) -> None:  # noqa: F811
