@@ -94,7 +94,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         "configurator.data_dir": data_dir, "broker.listeners": [] if no_plain else (list(listen) or None),
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
     try:
-        engine = choose_engine(settings.broker.engine)
+        engine = choose_engine(settings.broker)
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
     except (ValueError, EngineMissing) as exc:
         raise click.ClickException(str(exc)) from None

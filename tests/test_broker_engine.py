@@ -89,3 +89,14 @@ def test_an_unknown_engine_is_named_in_a_one_line_error(tmp_path: Path) -> None:
     assert "broker.engine: Input should be 'auto', 'amqtt' or 'mosquitto'" in out.stderr
     assert "Traceback" not in out.stderr
     assert not (tmp_path / "gw").exists()
+
+
+def test_mosquitto_without_a_plain_listener_is_refused_before_anything_is_made(tmp_path: Path) -> None:
+    require_program("mosquitto", Mosquitto.binary())
+    conf = tmp_path / "gateway.toml"
+    conf.write_text('[broker]\nengine = "mosquitto"\n')
+    out = run(HOMENET, "gateway", "run", "--config", str(conf), "--data-dir", str(tmp_path / "gw"),
+              "--no-plain", "--tls-listen", f"127.0.0.1:{free_port()}")
+    assert out.returncode != 0
+    assert 'broker engine "mosquitto": it needs a plain listener' in out.stderr
+    assert "Traceback" not in out.stderr and not (tmp_path / "gw").exists()
