@@ -112,7 +112,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from .standby import Standby
 
     try:
-        engine = choose_engine(settings.broker.engine)
+        engine = choose_engine(settings.broker)
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
         held = hold_gateway(conf_settings.data_dir)
     except (ValueError, EngineMissing, GatewayRunning) as exc:
