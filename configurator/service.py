@@ -281,18 +281,12 @@ class Configurator:
             actions.append(lambda: action(*args, **kwargs))
 
     def _stand_down(self, reason: str) -> None:
-        """Another configurator has a higher epoch: send nothing more but that this one is
-        `offline` (else its retained `online` would stay where the new primary is not, e.g. on
-        a broker of its own), then leave without a will. On a broker they share, the new
-        primary puts its `online` back at once (`_on_configurator_state`)."""
+        """Another configurator has a higher epoch: send nothing more, leave without a will
+        (its `offline` would overwrite the new primary's `online`). Its own `online`, if it is
+        still the retained state, is replaced by the process standing by (standby.py)."""
         log.error("standing down: %s", reason)
         self.fenced.set()
         self.connected.clear()
-        try:
-            self.client.publish(self.topics.configurator_state, self._state_payload("offline"), qos=1,
-                                retain=True).wait_for_publish(timeout=2)
-        except (RuntimeError, ValueError, StoreError) as exc:  # not connected; or no seq left to sign with
-            log.warning("could not say offline while standing down: %s", exc)
         self.client.disconnect()
 
     def _on_configurator_state(self, payload: bytes) -> None:
