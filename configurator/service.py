@@ -48,7 +48,8 @@ from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
 
 from .gateway import GatewayDriver
-from .holdings import Holdings
+from .holdings import Holdings, held_by
+from .ipam import quarantine, quarantined
 from .ipam import LanPlan
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
@@ -87,7 +88,7 @@ class Configurator:
         self.epoch = store.claim_epoch()
         self._seq = SequenceCounter(int(store.meta().get("seq_reserved", 0)),
                                     lambda ceiling: store.set_meta_now(seq_reserved=ceiling))
-        self.holdings = Holdings(store.all())
+        self.holdings = self._holdings()
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
@@ -234,7 +235,7 @@ class Configurator:
                 return False
             except (StoreError, AccountError, OSError) as exc:
                 self._outbox.actions = None  # what the batch would have sent is dropped
-                self.holdings = Holdings(self.store.all())  # the store is back as it was
+                self.holdings = self._holdings()  # the store is back as it was
                 self._report_failed_commit(exc, sum(isinstance(i, paho.MQTTMessage) for i in batch), delay)
                 if self._stopping:
                     return False
@@ -490,7 +491,11 @@ class Configurator:
         """Remove the device and everything set for it; if it comes back it registers afresh."""
         record = self._known(command)
         self.store.delete(record.device_id)
-        self.holdings.remove(record.device_id)
+        addresses = held_by(record)[0] if self.settings.forget_quarantine else set()
+        self.holdings.hold(record.device_id, addresses)  # its ports are free at once
+        if addresses:
+            self.store.set_meta(quarantine=quarantine(self.store.meta(), record.device_id, addresses,
+                                                      time.time() + self.settings.forget_quarantine))
         self._drop_account(record.device_id)
         self._later(self.driver.remove, record.device_id)
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
@@ -733,9 +738,29 @@ class Configurator:
     def _reconcile_all(self) -> None:
         """Every device, once this batch commits. The records are those at this point of the batch,
         as is the gateway then: the batch's gateway changes run in order after the commit."""
+        self._end_quarantines()
         records = self.store.all()
         self._later(self._drift.retain, [r.device_id for r in records])
         self._later(self._reconcile, records, gateway=True)
+
+    def _holdings(self) -> Holdings:
+        """Who holds what, from the records and the quarantined addresses of forgotten devices."""
+        holdings = Holdings(self.store.all())
+        for device_id, addresses in quarantined(self.store.meta(), time.time()).items():
+            if self.store.get(device_id) is None:
+                holdings.hold(device_id, addresses)
+        return holdings
+
+    def _end_quarantines(self) -> None:
+        """Addresses of forgotten devices whose quarantine has run out are free again."""
+        meta = self.store.meta()
+        kept = quarantined(meta, time.time())
+        for device_id in meta.get("quarantine", {}).keys() - kept.keys():
+            if self.store.get(device_id) is None:  # back since, its record holds what it uses
+                self.holdings.remove(device_id)
+            log.info("addresses of forgotten device %s are free again", device_id)
+        if kept.keys() != meta.get("quarantine", {}).keys():
+            self.store.set_meta(quarantine={d: e for d, e in meta["quarantine"].items() if d in kept})
 
     def _reconcile(self, records: list[DeviceRecord], gateway: bool) -> None:
         """Each device's own reports, and with `gateway` the driver's listing. The driver is given

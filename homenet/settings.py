@@ -114,6 +114,9 @@ class ConfiguratorSettings(Section):
     enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
     """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
     wait for the code the device shows, entered with `homenet devices pair`."""
+    forget_quarantine: float = Field(default=86400.0, ge=0)
+    """Seconds the addresses of a device removed with `homenet devices forget` are not planned
+    for another device: switched off rather than gone, it may still hold them."""
     standby_grace: float = Field(default=5.0, ge=0)
     """Seconds a `configurator run --standby`, or a configurator that another one fenced,
     gives a primary to announce itself before taking over when none is online

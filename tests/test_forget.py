@@ -4,15 +4,17 @@ address is not handed to another device while X may still hold it (a quarantine)
 from __future__ import annotations
 
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
-from homenet.brokers import wait_listening
+from homenet.brokers import Embedded, wait_listening
+from homenet.configurator.app import db_path
 from homenet.netutil import free_port
 from homenet.schemas.messages import Command
 
-from .harness import Gateway, wait_until
+from .harness import Gateway, load_records, wait_until
 from .test_cli import AGENT, HOMENET, Processes, processes, run  # noqa: F401 - processes is a fixture
 from .test_security import enrolled, secure_mosquitto  # noqa: F401 - a fixture
 
@@ -39,9 +41,11 @@ class Home:
         return run(HOMENET, "devices", "show", device_id, "--data-dir", str(self.tmp / "gw")).stdout
 
     def address(self, device_id: str) -> str:
-        line = wait_until(lambda: next((l for l in self.show(device_id).splitlines()
-                                        if l.startswith("address") and "." in l), None), 20, f"{device_id}'s address")
-        return line.split()[1]
+        """The address planned for the device once it confirmed its config."""
+        def planned() -> str | None:
+            record = load_records(self.tmp / "gw").get(device_id) if db_path(self.tmp / "gw").exists() else None
+            return record.address if record and record.result else None
+        return wait_until(planned, 20, f"{device_id}'s address")
 
     def forget(self, device_id: str) -> str:
         done = run(HOMENET, "devices", "forget", device_id, "--data-dir", str(self.tmp / "gw"),
@@ -80,3 +84,23 @@ def test_mosquitto_closes_the_session_of_a_deleted_account(secure_mosquitto: Gat
     configurator._inbox.put(lambda: configurator._forget(Command(op="forget", device_id="cam-m")))
     wait_until(lambda: "dropping the broker account" in caplog.text, 5, "cam-m thrown off and its old login refused")
     assert "disconnected from" in caplog.text
+
+
+def test_the_quarantine_ends_and_survives_a_restart(embedded: Embedded, tmp_path: Path) -> None:
+    gateway = Gateway(embedded, tmp_path, forget_quarantine=3, reconcile_interval=0.2)
+    try:
+        configurator = gateway.start()
+        old = gateway.agent("nas", "nas-1")
+        held = gateway.wait_configured("nas-1").address
+        gateway.stop_agent(old)
+        configurator._inbox.put(lambda: configurator._forget(Command(op="forget", device_id="nas-1")))
+        wait_until(lambda: gateway.record("nas-1") is None, 5, "nas-1 forgotten")
+        gateway.stop()
+        gateway.start()  # the quarantine is in the database
+        gateway.agent("camera", "cam-1")
+        assert gateway.wait_configured("cam-1").address != held
+        time.sleep(3)  # the quarantine runs out
+        gateway.agent("camera", "cam-2")
+        assert gateway.wait_configured("cam-2").address == held
+    finally:
+        gateway.close()
