@@ -739,6 +739,9 @@ class Configurator:
         """Every device, once this batch commits. The records are those at this point of the batch,
         as is the gateway then: the batch's gateway changes run in order after the commit."""
         self._end_quarantines()
+        # again, in case a wrong one is retained that this configurator never received (amqtt
+        # hands nothing to a connection that took a session over: docs/amqtt-notes.md)
+        self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
         records = self.store.all()
         self._later(self._drift.retain, [r.device_id for r in records])
         self._later(self._reconcile, records, gateway=True)
