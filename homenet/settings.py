@@ -207,6 +207,9 @@ class ConfiguratorSettings(Section):
     max_new_devices: int = Field(default=0, ge=0)
     """New devices enrolled at once before they confirm their first config (a registration
     flood's budget, configurator/newcomers.py); 0: as many as the LAN has addresses."""
+    forget_quarantine: float = Field(default=86400.0, ge=0)
+    """Seconds the addresses of a device removed with `homenet devices forget` are not planned
+    for another device: switched off rather than gone, it may still hold them."""
     standby_grace: float = Field(default=5.0, ge=0)
     """Seconds a `configurator run --standby`, or a configurator that another one fenced,
     gives a primary to announce itself before taking over when none is online
