@@ -34,5 +34,5 @@ def app_for(database: str | None, data_dir: Path, operator_token: str | None = N
 
 def serve(app: Starlette, host: str, port: int, verbose: bool = False) -> None:
     config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_graceful_shutdown=5)
+                            access_log=verbose, timeout_graceful_shutdown=2)  # long-polls: the homes ask again
     uvicorn.Server(config).run()

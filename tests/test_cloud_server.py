@@ -4,6 +4,7 @@ two processes on one database, and bad input refused with nothing stored."""
 from __future__ import annotations
 
 import json
+import socket
 import threading
 import time
 from collections.abc import Iterator
@@ -14,8 +15,8 @@ import pytest
 
 from homenet.keys import KeyPair
 from homenet.schemas import encode
-from homenet.schemas.cloud import (CLOUD_BODIES, DiagnosisBundle, FailurePoll, Hello, PortCheck, ProfileQuery,
-                                   QualityRequest, Report, ReportKind)
+from homenet.schemas.cloud import (CLOUD_BODIES, Backup, BackupQuery, DiagnosisBundle, FailurePoll, Hello,
+                                   PortCheck, ProfileQuery, QualityRequest, Report, ReportKind)
 from homenet.schemas.signing import b64
 from homenet.configurator.cloudclient import CloudClient, CloudError
 from homenet.netutil import free_port
@@ -85,7 +86,6 @@ def test_service_profiles_reports_and_backup(server: CloudServer) -> None:
     assert home.call("/v1/service/report", "cloud.report", report)["stored"] is True
     assert home.call("/v1/service/report", "cloud.report", report)["duplicate"] is True  # exactly once
     assert [r["report_id"] for r in server.get("/v1/operator/homes/home-1/inventory")] == ["r" * 12]
-    from homenet.schemas.cloud import Backup, BackupQuery
     home.call("/v1/service/backup/put", "cloud.backup.put", Backup(version=2, devices=[{"device_id": "nas"}]))
     home.call("/v1/service/backup/put", "cloud.backup.put", Backup(version=1, devices=[]))  # older: ignored
     assert home.call("/v1/service/backup/get", "cloud.backup.get", BackupQuery())["backup"]["devices"] == \
@@ -119,7 +119,6 @@ def test_failure_published_reaches_a_waiting_home_and_only_the_homes_concerned(s
 
 
 def test_quality_check_connects_in_and_diagnosis_follows_the_rules(server: CloudServer) -> None:
-    import socket
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
