@@ -195,3 +195,29 @@ def test_a_replacement_gateway_restores_the_home_from_its_backup(
             new.watcher.wait_event("device.online", timeout=15, device_id=device_id)
     finally:
         new.close()
+
+
+def test_what_an_outage_explains_is_neither_reported_nor_diagnosed(home: Gateway, cloud: CloudServer) -> None:
+    from homenet.schemas.messages import ItemResult, ItemStatus, ResultStatus
+
+    home.agent("iptv-stb", "stb")
+    record = home.wait_configured("stb")
+    assert home.configurator is not None and record.result is not None
+    igmp_failed = record.model_copy(update={"result": record.result.model_copy(update={
+        "status": ResultStatus.FAILED,
+        "items": [ItemResult(item="igmp", status=ItemStatus.FAILED, detail="no multicast")]})})
+    home.configurator.submit(lambda: home.configurator.store.put(igmp_failed))
+    wait_until(lambda: (r := home.record("stb")) and r.result.status == ResultStatus.FAILED, 5, "the failed result")
+
+    cloud.request("POST", "/v1/operator/failures", {"service": "iptv", "summary": "multicast down", "region": "north"})
+    wait_until(lambda: link(home).state.active_failures(), 5, "the outage known at home")
+    link(home)._failed("stb", "config.failed", "igmp: no multicast")
+    assert home.watcher is not None
+    home.watcher.wait_event("cloud.explained", reason="explained by service failure #1")
+    assert cloud.get("/v1/operator/homes/home-1/diagnoses") == []
+
+    cloud.request("POST", "/v1/operator/failures/1/resolve")
+    wait_until(lambda: not link(home).state.active_failures(), 5, "the outage over")
+    link(home)._failed("stb", "config.failed", "igmp: no multicast")
+    wait_until(lambda: cloud.get("/v1/operator/failure-reports"), 10, "the failure reported upstream")
+    assert [d["device_id"] for d in cloud.get("/v1/operator/homes/home-1/diagnoses")] == ["stb"]
