@@ -7,6 +7,7 @@ when they act: every megabyte here is in every device's agent (docs/performance.
 
 from __future__ import annotations
 
+import logging
 import re
 
 from homenet.keys import KeyPair
@@ -20,6 +21,8 @@ from .service import Agent
 from .state import StateFile
 from .trust import PinnedKey
 
+log = logging.getLogger(__name__)
+
 
 def derive_device_id(collector: Collector) -> str:
     """`hn-<mac>` of the first real interface, stable across reinstalls; else the hostname."""
@@ -29,43 +32,61 @@ def derive_device_id(collector: Collector) -> str:
     return re.sub(r"[^A-Za-z0-9._-]", "-", collector.hostname())[:63].strip("-._") or "device"
 
 
-def open_device(settings: AgentSettings) -> Device:
-    """The executor follows AgentSettings.executor; `auto` is `iproute2` where it can work."""
-    settings.data_dir.mkdir(parents=True, exist_ok=True)
+def open_device(settings: AgentSettings, *, read_only: bool = False) -> Device:
+    """The executor follows AgentSettings.executor; `auto` is `iproute2` where it can work.
+    `read_only` (a command that only prints): nothing is created or written, and a device
+    that has never run has no key yet."""
+    if not read_only:
+        settings.data_dir.mkdir(parents=True, exist_ok=True)
     state = StateFile(settings.data_dir)
     device_id = settings.device_id or state.state.device_id or derive_device_id(LinuxCollector())
-    if state.state.device_id != device_id:
+    if state.state.device_id != device_id and not read_only:
         state.update(device_id=device_id)
     executor: Executor
     collector: Collector
-    if settings.collector == "simulated":  # the settings refuse it with any other executor
+    choice = "simulated" if settings.collector == "simulated" else _executor_choice(settings)
+    if choice == "simulated":  # the settings refuse the simulated collector with a real executor
+        # Settings only recorded never show on the real interfaces: reported by the real
+        # collector they would look like drift forever (a new config version every interval).
         simulated = SimulatedExecutor(settings.data_dir)
         executor, collector = simulated, SimulatedCollector(device_id, simulated)
+        log.info("executor simulated: settings are recorded in %s, not applied, and reported on a simulated "
+                 "interface (sim0, MAC %s)", simulated.path, collector.mac)
     else:
         from . import upnp
 
         collector = LinuxCollector()
         # a port mapping given to the agent is for the router's IGD (a third-party gateway)
-        executor = upnp.UpnpExecutor(_real_executor(settings), settings.data_dir, settings.upnp_lease)
-    key = KeyPair.load_or_create(settings.data_dir / "agent.key")
+        executor = upnp.UpnpExecutor(_real_executor(choice, settings), settings.data_dir, settings.upnp_lease)
+    key_file = settings.data_dir / "agent.key"
+    key = KeyPair.load_or_create(key_file) if not read_only or key_file.exists() else None
     pinned = PinnedKey(settings.data_dir / "configurator.pub", settings.configurator_key_file)
     return Device(settings, device_id, state, collector, executor, key, pinned)
 
 
-def _real_executor(settings: AgentSettings) -> Executor:
+def _executor_choice(settings: AgentSettings) -> str:
     """`auto`: NetworkManager when it runs (it would undo changes made behind its back), else
-    iproute2 with CAP_NET_ADMIN, else simulated."""
+    iproute2 with CAP_NET_ADMIN, else simulated (said, with the reason: the device's network
+    is then left as it is)."""
     from . import iproute2, networkmanager
 
-    choice = settings.executor
-    if choice == "auto":
-        choice = ("networkmanager" if networkmanager.detect() else
-                  "iproute2" if iproute2.usable() else "simulated")
+    if settings.executor != "auto":
+        return settings.executor
+    if networkmanager.detect():
+        return "networkmanager"
+    if iproute2.usable():
+        return "iproute2"
+    log.warning("executor auto: no NetworkManager and no CAP_NET_ADMIN here, so settings are only recorded "
+                "(executor simulated, reported on a simulated interface); give the agent CAP_NET_ADMIN to apply them")
+    return "simulated"
+
+
+def _real_executor(choice: str, settings: AgentSettings) -> Executor:
+    from . import dns, iproute2, networkmanager
+
     if choice == "networkmanager":
         return networkmanager.NetworkManagerExecutor()
-    if choice == "iproute2":
-        return iproute2.Iproute2Executor(settings.resolv_conf)
-    return SimulatedExecutor(settings.data_dir)
+    return iproute2.Iproute2Executor(dns.detect(settings.resolv_conf))
 
 
 def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None,

@@ -35,6 +35,7 @@ from homenet.schemas.beacon import (TYPE_SOLICIT, Beacon, BeaconError, decode_be
 
 from .state import StateFile
 from .trust import PinnedKey
+from .waiting import Waiting
 
 log = logging.getLogger(__name__)
 
@@ -103,18 +104,27 @@ class BeaconListener:
             except OSError as exc:
                 log.debug("solicit on %s not sent: %s", iface, exc)
 
-    def discover(self, timeout: float | None = None) -> Discovery:
+    def discover(self, timeout: float | None = None, stop: threading.Event | None = None) -> Discovery | None:
+        """The first acceptable beacon; None when `stop` was set first (checked twice a second)."""
         if not self._socks:
             log.warning("no network interface is up yet (up, not loopback, with a MAC); waiting")
+        waiting = Waiting(log)
         deadline = None if timeout is None else time.monotonic() + timeout
         next_solicit = 0.0
-        while deadline is None or time.monotonic() < deadline:
-            if time.monotonic() >= next_solicit:
-                self._rescan()
-                self.solicit()
-                next_solicit = time.monotonic() + self.resolicit
-            for iface, beacon in self._poll(0.5):
-                return Discovery(self._endpoint(iface, beacon), self._verify(beacon), iface, beacon)
+        try:
+            while deadline is None or time.monotonic() < deadline:
+                if stop is not None and stop.is_set():
+                    return None
+                if time.monotonic() >= next_solicit:
+                    self._rescan()
+                    self.solicit()
+                    next_solicit = time.monotonic() + self.resolicit
+                    waiting.on(f"the gateway's beacon on {', '.join(self._socks) or 'an interface that comes up'} "
+                               f"(EtherType 0x{self.ethertype:04x}, soliciting every {self.resolicit:g} s)")
+                for iface, beacon in self._poll(0.5):
+                    return Discovery(self._endpoint(iface, beacon), self._verify(beacon), iface, beacon)
+        finally:
+            waiting.close()
         raise DiscoveryTimeout(f"no beacon from a trusted configurator within {timeout} s")
 
     def watch(self, follow: Callable[[Discovery], None]) -> None:

@@ -9,17 +9,18 @@ from typing import TYPE_CHECKING
 
 import click
 
-from homenet import logs
+from homenet import DISTRIBUTION, logs
 from homenet.settings import AgentSettings, SettingsError, load
 
 from .app import Device, build, open_device
+from .instance import DuplicateAgent, claim
 
 if TYPE_CHECKING:  # imported when discovery runs: an agent given --broker never loads psutil for it
     from .bootstrap import BeaconListener, Discovery
 
 
 @click.group()
-@click.version_option(package_name="homenet")
+@click.version_option(package_name=DISTRIBUTION)
 def main() -> None:
     """homenet configured agent (IEC 62608): registers this device and applies its configuration."""
 
@@ -47,10 +48,9 @@ def _settings(config: Path | None, **flags: object) -> AgentSettings:
               help="How settings are applied: iproute2 (netlink), simulated (recorded only), or auto "
               "(default: iproute2 on Linux with CAP_NET_ADMIN and the linux collector, else simulated).")
 @click.option("--root", help="Topic root (default homenet/v1).")
-@click.option("--verbose", "-v", is_flag=True)
-def run(config: Path | None, verbose: bool, **flags: object) -> None:
+@logs.options
+def run(config: Path | None, **flags: object) -> None:
     """Run the agent until SIGINT/SIGTERM."""
-    logs.setup(verbose)
     settings = _settings(config, **flags)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -61,7 +61,14 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
         raise click.ClickException(str(exc)) from None
     except OSError as exc:
         raise click.ClickException(f"cannot use data directory {settings.data_dir}: {exc.strerror}") from None
-    listener, found = _discover(device) if settings.broker is None else (None, None)
+    try:
+        held = claim(device.device_id)  # before any connection: a duplicate must not disturb the first
+    except DuplicateAgent as exc:
+        raise click.ClickException(str(exc)) from None
+    listener, found = _discover(device, done) if settings.broker is None else (None, None)
+    if listener and not found:  # stopped while discovering
+        listener.close()
+        return
     try:
         agent = build(settings, broker=found.broker if found else None, device=device,
                       verify=found.verify if found else None, fingerprint=found.fingerprint if found else None)
@@ -74,10 +81,12 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     agent.stop()
     if listener:
         listener.close()
+    held.close()
 
 
-def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
-    """Find the broker from the beacon; the listener is kept, for the agent to follow later beacons."""
+def _discover(device: Device, stop: threading.Event) -> tuple[BeaconListener, Discovery | None]:
+    """Find the broker from the beacon (None: `stop` came first); the listener is kept, for
+    the agent to follow later beacons."""
     from homenet.l2 import NoRawSocket
 
     from .bootstrap import BeaconListener
@@ -89,7 +98,9 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"discovery: {exc}") from None
-    found = listener.discover()
+    found = listener.discover(stop=stop)
+    if found is None:
+        return listener, None
     click.echo(f"found the gateway's broker at {found.broker} (beacon on {found.iface})", err=True)
     return listener, found
 
@@ -100,5 +111,6 @@ def _discover(device: Device) -> tuple[BeaconListener, Discovery]:
 @click.option("--device-type")
 @click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False))
 def info(config: Path | None, **flags: object) -> None:
-    """Print the device info this agent would register, as JSON."""
-    click.echo(open_device(_settings(config, **flags)).info().model_dump_json(indent=2))
+    """Print the device info this agent would register, as JSON (writes nothing: before the
+    first `run` there is no key yet, and `public_key` is null)."""
+    click.echo(open_device(_settings(config, **flags), read_only=True).info().model_dump_json(indent=2))

@@ -22,8 +22,9 @@ class Device:
     state: StateFile
     collector: Collector
     executor: Executor
-    key: KeyPair
-    """This device's identity: bound to its id at first registration."""
+    key: KeyPair | None
+    """This device's identity: bound to its id at first registration. None only when opened
+    read-only before the agent first ran (`homenet-agent info`)."""
     pinned: PinnedKey
     """The configurator key it trusts."""
 
@@ -33,5 +34,5 @@ class Device:
             device_id=self.device_id, device_type=self.settings.device_type, model=self.settings.model,
             maker=self.settings.maker, hostname=self.collector.hostname(), agent_version=__version__,
             capabilities=[f"executor:{self.executor.name}"], interfaces=self.collector.interfaces(),
-            applied_version=self.state.state.applied_version, public_key=b64(self.key.public),
+            applied_version=self.state.state.applied_version, public_key=b64(self.key.public) if self.key else None,
             needs_credentials=self.state.state.username is None)

@@ -16,7 +16,11 @@ out when the device's interfaces or addresses change.
 An agent that found the broker by the beacon follows the later beacons (`follow`): an IPv4
 change is verified against the gateway's addresses the newest beacon names, and when the
 address the agent is connected to is no longer among them (the LAN was renumbered), it
-connects again to the endpoint the beacon leads to (docs/renumbering.md).
+connects again to the endpoint the beacon leads to (docs/renumbering.md). A beacon with a
+higher epoch than the one that led to the broker says the gateway restarted (it claims a new
+epoch at every start): after a power cut no FIN or RST reaches the device and its connection
+would look alive until the keepalive ran out, so it connects again at once
+(docs/reliability.md, Power cut).
 
 Before applying, the executor's checkpoint and the config are saved (the apply journal,
 `AgentState.applying`); the write that saves the result drops it. An agent that finds the
@@ -40,12 +44,14 @@ import paho.mqtt.client as paho
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import ContractError, Envelope, Topics, decode, encode, signed_by
+from homenet.schemas.results import overall
 from homenet.schemas.signing import fingerprint, pairing_code, unb64
-from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
+from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, Model,
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
 from .device import Device
+from .waiting import Waiting
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
                         save_checkpoint)
 
@@ -54,17 +60,16 @@ if TYPE_CHECKING:  # the beacon listener loads psutil: only agents that discover
 
 log = logging.getLogger(__name__)
 
-_OK = (ItemStatus.APPLIED, ItemStatus.UNCHANGED)
+STOP_WAIT = 0.8
+"""Seconds a stop gives the broker connection (the goodbye, the network thread) in all."""
 
 
-def overall(statuses: list[ItemStatus]) -> ResultStatus:
-    """Any item rolled back -> rolled_back; all fine -> ok; none fine -> failed; some -> partial."""
-    if ItemStatus.ROLLED_BACK in statuses:
-        return ResultStatus.ROLLED_BACK
-    fine = sum(s in _OK for s in statuses)
-    if fine == len(statuses):
-        return ResultStatus.OK
-    return ResultStatus.FAILED if fine == 0 else ResultStatus.PARTIAL
+def _bounded(step: Callable[[], object], timeout: float) -> None:
+    """Run `step` but wait for it at most `timeout` seconds (paho's loop_stop joins a network
+    thread that may sit in a connect or an apply)."""
+    thread = threading.Thread(target=step, daemon=True)
+    thread.start()
+    thread.join(timeout)
 
 
 class Agent:
@@ -74,6 +79,8 @@ class Agent:
         IPv4 change; only IPv4 ones count, with the broker URL's host when it is IPv4.
         `cafile`: for TLS, the one certificate trusted (the pinned gateway certificate)."""
         self.cafile = cafile
+        if device.key is None:
+            raise ValueError("a device opened read-only has no key to run with")
         settings, state = device.settings, device.state
         self.device = device
         self.settings = settings
@@ -84,8 +91,13 @@ class Agent:
         self.broker = broker
         self.verify_endpoints = ipv4_endpoints(broker, verify or ())
         self._rolled_back_version = 0
+        self._gateway_epoch = state.state.beacon_epoch
+        """The epoch of the beacon that led to the broker: the gateway claims a new one each time it starts."""
         self._seq = SequenceCounter(state.state.seq_reserved, lambda c: state.update(seq_reserved=c))
         self._lock = threading.Lock()
+        self._life = threading.Lock()
+        """Orders `stop` against starting a client (at start, on a reconnect)."""
+        self.waiting = Waiting(log)
         self._registered_epoch: int | None = None
         self._register_id = ""
         self._last_info: DeviceInfo | None = None
@@ -115,10 +127,20 @@ class Agent:
     def _reconnect(self) -> None:
         """Connect again, to `self.broker` with the account now in the state. Runs on its own
         thread: the old client's network thread (where the reason arrived) cannot stop itself."""
-        old, self.client = self.client, self._new_client()
+        with self._life:
+            if self._stop.is_set():
+                return
+            old, self.client = self.client, self._new_client()
+        old.on_disconnect = None  # left on purpose: not a loss of the broker to report
         old.disconnect()
-        old.loop_stop()
-        if not self._stop.is_set():
+        _bounded(old.loop_stop, STOP_WAIT)
+        self._connect()
+
+    def _connect(self) -> None:
+        with self._life:  # a stop that came first wins: no client is started after it
+            if self._stop.is_set():
+                return
+            self.waiting.on(f"the broker at {self.broker} to accept the connection")
             self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
             self.client.loop_start()
 
@@ -128,29 +150,49 @@ class Agent:
     def follow(self, found: Discovery) -> None:
         """A newer beacon: the gateway's addresses as they are now (called by the beacon listener)."""
         moved = not found.names(self.broker.host)
-        if moved:  # the address in use is gone from the gateway: the LAN was renumbered
+        restarted = found.beacon.epoch > self._gateway_epoch
+        if restarted:  # a power cut sends no FIN: the old connection would look alive until the keepalive
+            log.warning("the gateway restarted (its beacon's epoch is %d, was %d): connecting again to %s now",
+                        found.beacon.epoch, self._gateway_epoch, found.broker)
+            self._gateway_epoch = found.beacon.epoch
+        elif moved:  # the address in use is gone from the gateway: the LAN was renumbered
             log.warning("the gateway no longer has %s; connecting to %s", self.broker.host, found.broker)
+        if moved or restarted:
             self.broker = found.broker
         if found.verify:  # in place: an apply verifying right now tries the new endpoints
             self.verify_endpoints[:] = ipv4_endpoints(self.broker, found.verify)
-        if moved:
+        if moved or restarted:
             threading.Thread(target=self._reconnect, daemon=True).start()
 
     # --- running ---------------------------------------------------------------------------
 
     def start(self) -> None:
-        self._resume_apply()  # first: settings half applied may be what keeps the broker away
-        self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
-        self.client.loop_start()
+        """Resume an interrupted apply, then connect; in the background, so that a stop is
+        prompt in every state. An agent stopped may be started again."""
+        with self._life:
+            self._stop.clear()
+
+        def begin() -> None:
+            self._resume_apply()  # first: settings half applied may be what keeps the broker away
+            self._seq.reserve()  # the disk sync before connecting, not between CONNACK and register
+            self._connect()
+        threading.Thread(target=begin, name="agent-start", daemon=True).start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
 
     def stop(self) -> None:
-        self._stop.set()
-        if self.client.is_connected():
+        """Within about a second whatever the agent is doing. An apply under way is left to
+        its journal: the next start completes it or rolls it back (see the module doc)."""
+        with self._life:
+            self._stop.set()
+        self.waiting.close()
+        if (applying := self.state.state.applying) is not None:
+            log.warning("stopping while config version %s is being applied: it is resumed from its journal "
+                        "at the next start", applying.get("config", {}).get("version", "?"))
+        if self.client.is_connected():  # a dead connection (power cut) must not hold the stop
             self.client.publish(self._topic("status"), b'{"state":"offline"}', qos=1,
-                                retain=True).wait_for_publish(timeout=5)
+                                retain=True).wait_for_publish(timeout=STOP_WAIT / 2)
         self.client.disconnect()
-        self.client.loop_stop()
+        _bounded(self.client.loop_stop, STOP_WAIT / 2)
 
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
         msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
@@ -201,11 +243,15 @@ class Agent:
             self._publish("config/result", "config.result",
                           ConfigResult.model_validate(self.state.state.last_result), retain=True)
         log.info("agent %s connected to %s", self.device_id, self.broker)
+        self.waiting.on(f"a configurator to come online (retained {self.topics.configurator_state} on {self.broker})")
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.registered.clear()
         if not self._stop.is_set():
-            log.warning("disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
+            # a normal disconnection is the agent's own (e.g. to log in with a new account)
+            log.log(logging.WARNING if reason.is_failure else logging.INFO,
+                    "disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
+            self.waiting.on(f"the broker at {self.broker} to accept the connection again")
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
         handler = self._routes.get(msg.topic)
@@ -223,8 +269,12 @@ class Agent:
 
     def _on_configurator_state(self, msg: paho.MQTTMessage) -> None:
         envelope, state = self._trusted(msg.payload, "configurator.state")
+        if self._registered_epoch is not None and state.epoch < self._registered_epoch:
+            log.debug("configurator/state of epoch %d ignored: epoch %d is newer", state.epoch, self._registered_epoch)
+            return
         if state.state != "online":
             log.info("configurator %s is offline; waiting", state.configurator_id)
+            self.waiting.on(f"configurator {state.configurator_id} to come back online")
             return
         with self._lock:
             if self._registered_epoch == state.epoch:
@@ -233,12 +283,15 @@ class Agent:
         info = self.device_info()
         self._register_id, _ = self._publish("register", "register", info)
         self._last_info = info
+        self.waiting.on(f"configurator {state.configurator_id} to answer the registration")
         log.info("found configurator %s (epoch %d); registering as %s (%s)",
                  state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
 
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
         envelope, reply = self._trusted(msg.payload, "register.reply")
-        self._fresh(envelope)
+        # Its seq need not be on disk before this returns: a reply sent again after a restart
+        # answers a registration this process never made (`re` below), so it is refused anyway.
+        self._fresh(envelope, durable=False)
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
@@ -246,14 +299,20 @@ class Agent:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
             if reply.credentials:
-                self.state.update(username=reply.credentials["username"], password=reply.credentials["password"])
-                log.info("received broker account %s; logging in with it", reply.credentials["username"])
+                self.state.update(username=reply.credentials.username, password=reply.credentials.password)
+                log.info("received broker account %s; logging in with it", reply.credentials.username)
                 threading.Thread(target=self._reconnect, daemon=True).start()
                 return
             self.registered.set()
+            if reply.config_version > self.state.state.applied_version:
+                self.waiting.on(f"config version {reply.config_version}")
+            else:
+                self.waiting.done()
             self._send_info_if_changed()  # e.g. a config applied before this reply arrived
         else:
             log.warning("registration %s: %s", reply.status.value, reply.reason)
+            self.waiting.on(f"the owner to let this device in ({reply.reason})" if reply.status == RegisterStatus.PENDING
+                            else f"the owner: registration {reply.status.value} ({reply.reason})")
             if reply.status == RegisterStatus.PENDING:
                 log.warning("pairing code of this device: %s", pairing_code(self.device.key.public))
 
@@ -285,6 +344,7 @@ class Agent:
         log.info("config version %d: %s (%s)", config.version, result.status.value,
                  ", ".join(f"{r.item} {r.status.value}{': ' + r.detail if r.detail else ''}" for r in results)
                  or "no agent items")
+        self.waiting.done()
         self.confirmed.set()
         self._send_info_if_changed()
 
@@ -339,15 +399,16 @@ class Agent:
                       "in_force": self.executor.in_force()}
         self._publish("rpc/reply", "rpc.reply", RpcReply(re=envelope.id, ok=True, result=result))
 
-    def _fresh(self, envelope: Envelope) -> None:
-        """A live message must be newer than every one accepted before (persisted): a captured
-        reply or rpc published again is refused. Retained messages (config, configurator/state)
-        come back with their old seq by design; their version and epoch protect them."""
+    def _fresh(self, envelope: Envelope, durable: bool = True) -> None:
+        """A live message must be newer than every one accepted before (persisted: at once, or
+        with the next write when not `durable`): a captured reply or rpc published again is
+        refused. Retained messages (config, configurator/state) come back with their old seq
+        by design; their version and epoch protect them."""
         last = self.state.state.configurator_seq
         if envelope.seq <= last:
             raise ContractError(f"replayed or out of order: {envelope.kind} seq {envelope.seq} "
                                 f"is not above {last}, the last accepted from the configurator")
-        self.state.update(configurator_seq=envelope.seq)
+        (self.state.update if durable else self.state.note)(configurator_seq=envelope.seq)
 
     # --- info ------------------------------------------------------------------------------
 

@@ -62,7 +62,7 @@ from homenet.configurator.app import ADMIN, ADMIN_SECRET, db_path
 from homenet.configurator.lifecycle import State
 from homenet.configurator.profiles import PROFILES
 from homenet.configurator.records import DeviceRecord
-from homenet.configurator.storm import Observer, console_script, terminated
+from homenet.bench.storm import Observer, console_script, terminated
 from homenet.configurator.store import SqliteStore
 from homenet.durable import read_json
 from homenet.mqtt import make_client

@@ -52,14 +52,14 @@ def verdict(address: str, device_id: str, samples: dict[int, list[float | None]]
     ports = []
     for port, times in samples.items():
         ok = [t for t in times if t is not None]
-        loss = 1 - len(ok) / len(times)
-        entry: dict[str, Any] = {"protocol": "tcp", "port": port, "reachable": bool(ok), "loss": round(loss, 3)}
-        if ok:
-            entry["latency_ms"] = {"p50": round(statistics.median(ok), 2), "max": round(max(ok), 2)}
+        loss = round(1000 * (1 - len(ok) / len(times)))
+        entry: dict[str, Any] = {"protocol": "tcp", "port": port, "reachable": bool(ok), "loss_permille": loss}
+        if ok:  # integers: numbers in a signed message are integers (docs/protocol.md)
+            entry["latency_us"] = {"p50": round(1000 * statistics.median(ok)), "max": round(1000 * max(ok))}
         ports.append(entry)
-    bad = [p for p in ports if not p["reachable"] or p["loss"] > MAX_LOSS]
+    bad = [p for p in ports if not p["reachable"] or p["loss_permille"] > 1000 * MAX_LOSS]
     reason = "; ".join(f"tcp/{p['port']} on {address} " +
-                       ("not reachable from outside" if not p["reachable"] else f"lost {p['loss']:.0%} of connects")
+                       ("not reachable from outside" if not p["reachable"] else f"lost {p['loss_permille'] / 10:g} % of connects")
                        for p in bad)
     return {"device_id": device_id, "address": address, "passed": not bad, "reason": reason, "ports": ports}
 

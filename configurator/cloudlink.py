@@ -42,6 +42,7 @@ from homenet.schemas.signing import b64, unb64
 from homenet.sequence import SequenceCounter
 from homenet.settings import CloudSettings
 
+from .bus import Notice
 from .cloudclient import CloudClient, CloudError
 from .cloudstate import FILE_NAME, CachedProfile, CloudState
 from .profiles import PortNeed, Profile
@@ -118,7 +119,7 @@ class CloudLink:
     # --- extension lifecycle -------------------------------------------------------------------
 
     def start(self) -> None:
-        self.c.listeners.append(self._on_event)
+        self.c.bus.subscribe(self._on_notice)
         self.c.profile_source = self.profile
         self.c.submit(self._scan)  # what was committed but not yet queued when we last stopped
         for t in self._threads:
@@ -128,8 +129,7 @@ class CloudLink:
         self._halt.set()
         self._wake.set()
         self._jobs.put(None)
-        if self._on_event in self.c.listeners:
-            self.c.listeners.remove(self._on_event)
+        self.c.bus.unsubscribe(self._on_notice)
         for t in self._threads:
             t.join(timeout=2)  # the long-poll thread may be inside a request: it is a daemon
         self.state.close()
@@ -219,6 +219,10 @@ class CloudLink:
             self.c.replan()
 
     # --- what the configurator commits ---------------------------------------------------------
+
+    def _on_notice(self, notice: Notice) -> None:
+        if isinstance(notice, Event):
+            self._on_event(notice)
 
     def _on_event(self, event: Event) -> None:
         """On the worker, after the commit: note what changed; the work is done elsewhere."""

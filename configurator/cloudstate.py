@@ -170,8 +170,8 @@ def cloud_detail(data_dir: Path, device_id: str) -> str:
     if quality := notes.get("quality"):
         lines.append(f"quality check: {'passed' if quality['passed'] else 'FAILED'}"
                      + (f" ({quality['reason']})" if quality.get("reason") else "")
-                     + "".join(f"; tcp/{p['port']} p50 {p['latency_ms']['p50']} ms loss {p['loss']:.0%}"
-                               for p in quality.get("ports", []) if "latency_ms" in p))
+                     + "".join(f"; tcp/{p['port']} p50 {p['latency_us']['p50'] / 1000:.2f} ms loss {p['loss_permille'] / 10:g} %"
+                               for p in quality.get("ports", []) if "latency_us" in p))
     if diagnosis := notes.get("diagnosis"):
         lines.append(f"diagnosis: {diagnosis['cause']}; remedy: {diagnosis['remedy']}"
                      + (f" (taken: {diagnosis['action']})" if diagnosis.get("taken") else ""))

@@ -38,16 +38,20 @@ from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.accounts import AccountError, AccountStore
 from homenet.acl import Role
 from homenet.keys import KeyPair
-from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
-from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
+from homenet.schemas import (MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by,
+                             strictjson)
+from homenet.schemas.results import result_problem
+from homenet.schemas.signing import b64, canonical_pairing_code, fingerprint, pairing_code, unb64
 from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
                                       DeviceStatus,
-                                      Event as EventBody, ItemStatus, Model,
-                                      RegisterReply, RegisterStatus, ResultStatus, Severity)
+                                      Event as EventBody, ItemResult, ItemStatus, Model,
+                                      RegisterReply, RegisterStatus, ResultStatus, Rpc, Severity)
 from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
 
+from .bus import Bus, Committed, DeviceChanged
 from .gateway import GatewayDriver
+from .gatewaystate import Published
 from .holdings import Holdings
 from .ipam import LanPlan
 from .lanwatch import LanWatch
@@ -82,9 +86,11 @@ class Rejected(Exception):
 
 class Configurator:
     def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None) -> None:
+                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None,
+                 client_id: str | None = None) -> None:
         """`accounts`: the broker accounts this configurator issues (None: no broker auth);
-        `login`: its own (username, password) on the broker."""
+        `login`: its own (username, password) on the broker; `client_id`: its MQTT client id
+        (default `homenet-<configurator id>`)."""
         self.settings = settings
         self.key = key
         self.accounts = accounts
@@ -99,6 +105,12 @@ class Configurator:
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
+        self.bus = Bus()
+        """What was committed, for the extensions (configurator/bus.py)."""
+        self.close_session: Callable[[str], None] | None = None
+        """Closes a client's connection at the broker, where the broker lets the configurator
+        do it (the embedded one, in `homenet gateway run`); Mosquitto's dynamic security closes
+        it itself when the account is deleted."""
         self._stopping = False
         self._replanned = False
         self._inbox: queue.SimpleQueue[paho.MQTTMessage | Task | object] = queue.SimpleQueue()
@@ -107,9 +119,11 @@ class Configurator:
         self._halt = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="reconcile", daemon=True)
         self._outbox = threading.local()
+        self._gateway_published = Published()
+        self._gateway_lock = threading.Lock()
         self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
-        self.client = make_client(f"homenet-{self.sender}", clean_session=False,
+        self.client = make_client(client_id or f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
                                   will=(self.topics.configurator_state, self._state_payload("offline")),
                                   cafile=settings.broker_cafile if self.broker.tls else None,
@@ -119,14 +133,13 @@ class Configurator:
         self.client.on_message = self._on_message
         self._handlers: dict[str, Callable[[str, Envelope, Any, DeviceRecord | None], None]] = {
             "register": self._on_register, "config.result": self._on_result, "info": self._on_info}
-        # Extensions (configurator/cloudlink.py): started and stopped with the service, told
-        # every event after its commit, and asked for a model's own profile when planning.
+        # Extensions started and stopped with the service (configurator/cloudlink.py; it hears
+        # what was committed on `bus`), and asked for a model's own profile when planning.
         self.extensions: list[Extension] = []
-        self.listeners: list[Callable[[EventBody], None]] = []
         self.profile_source: Callable[[DeviceInfo], Profile | None] = lambda _info: None
         for record in store.all():  # a fresh gateway (reboot, new driver) is caught up at once
             if record.config:
-                driver.apply(record.config)
+                self.gateway_reported(record.device_id, driver.apply(record.config))
 
     # --- lifecycle of the service --------------------------------------------------------
 
@@ -149,6 +162,11 @@ class Configurator:
     def reconcile_now(self) -> None:
         """Reconcile every device now, correcting what drifted (as `drift` allows)."""
         self.submit(self._reconcile_all)
+
+    def problem(self) -> str | None:
+        """What keeps this configurator from serving, for a watchdog: None while its threads run."""
+        dead = [t.name for t in (self._worker, self._ticker) if not t.is_alive()]
+        return f"configurator thread {', '.join(dead)} ended" if dead else None
 
     def stop(self) -> None:
         """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
@@ -183,12 +201,13 @@ class Configurator:
         if self.fenced.is_set():
             return
         client.subscribe([(self.topics.device_filter(c), 1) for c in SUBSCRIBED_CHANNELS]
-                         + [(self.topics.command, 1)])
+                         + [(self.topics.command, 1), (self.topics.configurator_state, 1)])
         self._inbox.put(self._caught_up)  # in order: before anything the subscriptions bring
 
     def _caught_up(self) -> None:
         """After every (re)connect: announce, re-plan once after start, republish the rest."""
         self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
+        self._presume_offline()
         sent: set[str] = set()
         if not self._replanned:  # the LAN or the policy may have changed while we were down
             self._replanned = True
@@ -196,6 +215,7 @@ class Configurator:
             self._later(self.lan_watch.start)
         # The broker may have lost its retained messages (amqtt keeps none across restarts); a
         # config just re-planned is not sent in its old version first (it would come back to us).
+        self._gateway_published.forget()  # its retained parts too may be gone
         for record in self.store.all():
             if record.config_payload and record.device_id not in sent:
                 self._publish_raw(self.topics.device(record.device_id, "config"), record.config_payload.encode(),
@@ -204,6 +224,17 @@ class Configurator:
         self._reconcile_all()
         self._later(log.info, "configurator %s (epoch %d) online at %s", self.sender, self.epoch, self.broker)
         self._later(self.connected.set)
+
+    def _presume_offline(self) -> None:
+        """Nobody is online until it says so on this connection. While the configurator was
+        away (a restart, a power cut) devices may have gone, and a broker that restarted sends
+        no wills for them: the `status` each connected agent keeps retained, or publishes when
+        it connects again, marks it online once more (it comes after this, in order)."""
+        stale = [r for r in self.store.all() if r.online]
+        for record in stale:
+            self._put(record.model_copy(update={"online": False}))
+        if stale:
+            self._later(log.info, "%d devices shown offline until they say they are online again", len(stale))
 
     def _on_disconnect(self, _client: paho.Client, _userdata: Any, _flags: Any, reason: Any, _props: Any) -> None:
         self.connected.clear()
@@ -238,9 +269,11 @@ class Configurator:
             self._outbox.actions, self._outbox.gateway_changed = actions, False
             try:
                 # accounts first: a reply's credentials must work when the commit lets it out
+                started = time.perf_counter()
                 with self.store.transaction(), self._accounts_batch():
                     for item in batch:
                         self._handle(item)
+                self.bus.emit(Committed(time.perf_counter() - started, len(batch)))
                 break
             except Fenced as exc:
                 self._stand_down(str(exc))
@@ -294,12 +327,31 @@ class Configurator:
             actions.append(lambda: action(*args, **kwargs))
 
     def _stand_down(self, reason: str) -> None:
-        """Another configurator has a higher epoch: send nothing more, leave without a will
-        (its `offline` would overwrite the new primary's `online`)."""
+        """Another configurator has a higher epoch: send nothing more but that this one is
+        `offline` (else its retained `online` would stay where the new primary is not, e.g. on
+        a broker of its own), then leave without a will. On a broker they share, the new
+        primary puts its `online` back at once (`_on_configurator_state`)."""
         log.error("standing down: %s", reason)
         self.fenced.set()
         self.connected.clear()
+        try:
+            self.client.publish(self.topics.configurator_state, self._state_payload("offline"), qos=1,
+                                retain=True).wait_for_publish(timeout=2)
+        except (RuntimeError, ValueError, StoreError) as exc:  # not connected; or no seq left to sign with
+            log.warning("could not say offline while standing down: %s", exc)
         self.client.disconnect()
+
+    def _on_configurator_state(self, payload: bytes) -> None:
+        """The retained state must be this primary's `online`: what a configurator that stood
+        down (or a stale one) left there is replaced."""
+        if not payload:
+            self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
+            return
+        _, state = decode(payload, expected_kind="configurator.state")
+        if (state.state, state.epoch) != ("online", self.epoch) and state.epoch <= self.epoch:
+            log.info("configurator/state says %s (epoch %d); this primary (epoch %d) says online again",
+                     state.state, state.epoch, self.epoch)
+            self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
 
     # --- publishing ----------------------------------------------------------------------
 
@@ -319,19 +371,28 @@ class Configurator:
         body = EventBody(event=name, severity=severity, device_id=device_id, topic=topic,
                          sender=sender, reason=reason, detail=detail)
         self._publish(self.topics.events, "event", body)
-        for listener in self.listeners:
-            self._later(listener, body)
+        self._later(self.bus.emit, body)
 
     def publish_gateway_state(self) -> None:
-        """What the driver has set, retained on `gateway/state` (also called by the driver's
-        retries). It lists every device, so a batch sends it once, after all its gateway changes."""
+        """What the driver has set, retained on `gateway/state` and `gateway/device/{id}` (also
+        called by the driver's retries); a batch sends it once, after all its gateway changes."""
         if threading.current_thread() is self._worker:
             self._outbox.gateway_changed = True
         else:
             self._send_gateway_state()
 
     def _send_gateway_state(self) -> None:
-        self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
+        """Only what changed since the last time: the summary, and each device whose part did."""
+        with self._gateway_lock:  # in order, whichever thread the driver reports from
+            summary, devices = self._gateway_published.changes(self.driver.state())
+            for device_id, part in devices.items():
+                topic = self.topics.gateway_device(device_id)
+                if part is None:
+                    self._publish_raw(topic, b"", retain=True)
+                else:
+                    self._publish(topic, "gateway.device", part, retain=True)
+            if summary is not None:
+                self._publish(self.topics.gateway_state, "gateway.state", summary, retain=True)
 
     # --- receiving -----------------------------------------------------------------------
 
@@ -340,6 +401,9 @@ class Configurator:
         try:
             if msg.topic == self.topics.command:
                 self._on_command(msg.payload)
+                return
+            if msg.topic == self.topics.configurator_state:
+                self._on_configurator_state(msg.payload)
                 return
             topic = self.topics.parse_device(msg.topic)
             sender = topic.device_id
@@ -393,7 +457,7 @@ class Configurator:
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         try:
-            status = DeviceStatus.model_validate(json.loads(payload))
+            status = DeviceStatus.model_validate(strictjson.loads(payload))
         except (ValueError, ValidationError) as exc:
             raise Rejected(f"bad status payload: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
         record = self.store.get(device_id)
@@ -409,7 +473,7 @@ class Configurator:
         envelope, command = decode(payload, expected_kind="command")
         try:
             handler = {"forget": self._forget, "approve": self._approve, "reject": self._reject,
-                       "pair": self._pair, "reset": self._reset, "user.add": self._user_add,
+                       "pair": self._pair, "reset": self._reset, "refresh": self._refresh, "user.add": self._user_add,
                        "user.remove": self._user_remove}[command.op]
             result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
@@ -440,7 +504,10 @@ class Configurator:
         return {"device_id": record.device_id}
 
     def _pair(self, command: Command) -> dict[str, Any]:
-        code = command.code.strip()
+        try:
+            code = canonical_pairing_code(command.code)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
         waiting = [r for r in self.store.all() if r.state == State.PENDING and r.public_key
                    and pairing_code(unb64(r.public_key) or b"") == code]
         if len(waiting) != 1:
@@ -457,9 +524,18 @@ class Configurator:
                    reason="key binding cleared by the operator")
         return {"device_id": record.device_id}
 
+    def _refresh(self, command: Command) -> dict[str, Any]:
+        """Ask the device for its info now (rpc `refresh`), e.g. from Home Assistant's button."""
+        record = self._known(command)
+        self._publish(self.topics.device(record.device_id, "rpc"), "rpc", Rpc(method="refresh"))
+        return {"device_id": record.device_id}
+
     def _drop_account(self, name: str) -> None:
+        """Revoke the account and, once that is committed, close the session it logged in."""
         if self.accounts is not None and self.accounts.get(name) is not None:
             self.accounts.remove(name)
+            if self.close_session is not None:
+                self._later(self.close_session, name)
 
     def _user_add(self, command: Command) -> dict[str, Any]:
         """An operator account for `mosquitto_sub` (read-only) or for these commands."""
@@ -577,8 +653,10 @@ class Configurator:
         record, planned = self._plan(record.model_copy(update={"state": advance(record.state, event)}))
         self._put(record)
         credentials = None
-        if self.accounts is not None and record.info.needs_credentials:
-            # the register was signed by the bound key: only the device itself gets here
+        if self.accounts is not None and (record.info.needs_credentials or self.accounts.get(record.device_id) is None):
+            # the register was signed by the bound key: only the device itself gets here. A device
+            # with no account logged in anonymously, whatever it said: without one it could never
+            # read its config (docs/protocol.md, Enrollment)
             credentials = {"username": record.device_id,
                            "password": self.accounts.set(record.device_id, Role.DEVICE)}
         self._reply(record.device_id, record.register_id, RegisterStatus.ACCEPTED, record.error,
@@ -616,6 +694,9 @@ class Configurator:
             raise Rejected("config.result from a device that was sent no config")
         if result.version != record.version:
             raise Rejected(f"stale config.result for version {result.version}; current is {record.version}")
+        problem = result_problem(result, record.config, json.loads(record.config_payload)["id"])
+        if problem:  # e.g. `ok` for no items: the device would pass for configured
+            raise Rejected(f"config.result refused: {problem}")
         if result == record.result:  # the agent re-sent it after a reconnect
             self._put(record.model_copy(update={"last_seq": envelope.seq}))
             return
@@ -676,6 +757,7 @@ class Configurator:
     def _put(self, record: DeviceRecord) -> None:
         self.store.put(record)
         self.holdings.update(record)
+        self._later(self.bus.emit, DeviceChanged(record))
 
     def _view(self, device_id: str) -> NetworkView:
         return self.holdings.view(self.driver.lan(), device_id, self.driver.name)
@@ -717,7 +799,18 @@ class Configurator:
                        reason=f"{failure.item}: {failure.detail}")
         for refused in (r for r in results if r.status == ItemStatus.UNSUPPORTED):  # e.g. a third-party router
             self.event("gateway.unsupported", device_id=record.device_id, reason=f"{refused.item}: {refused.detail}")
+        self.gateway_reported(record.device_id, results)
         self.publish_gateway_state()
+
+    def gateway_reported(self, device_id: str, results: list[ItemResult]) -> None:
+        """Keep in the device's record what holds of its gateway items (from any thread: the
+        driver's retries report here too); written by a task of its own, as every write is."""
+        self._inbox.put(partial(self._keep_gateway_items, device_id, results))
+
+    def _keep_gateway_items(self, device_id: str, results: list[ItemResult]) -> None:
+        record = self.store.get(device_id)
+        if record is not None and record.config is not None and record.gateway != results:
+            self._put(record.model_copy(update={"gateway": results, "updated": now()}))
 
     # --- reconciliation (reconcile.py) ------------------------------------------------------
 

@@ -29,6 +29,7 @@ import logging
 import secrets
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
@@ -39,7 +40,7 @@ from homenet.schemas import ContractError, Topics, decode, signed_by
 from homenet.schemas.signing import fingerprint
 from homenet.settings import ConfiguratorSettings
 
-from .app import build, identity
+from .app import Identity, build, identity
 from .service import Configurator
 from .store import Fenced
 
@@ -72,6 +73,8 @@ class Watch:
         self.since, self.state = now, None
 
     def heard(self, state: str | None, epoch: int, now: float) -> None:
+        if state is not None and epoch < self.epoch:
+            return  # one fenced since, saying it stood down: the newer one speaks for itself
         self.since, self.state, self.epoch = now, state, epoch
         self.seen_online = self.seen_online or state == "online"
         self.primary_left = self.primary_left or (state == "offline" and self.seen_online)
@@ -86,20 +89,30 @@ class Watch:
 class Standby:
     """One configurator process's turns: standing by while another is online, primary otherwise."""
 
-    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False) -> None:
-        """`standby`: at start, give a primary `standby_grace` seconds to appear, not `SETTLE`."""
+    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False, ident: Identity | None = None,
+                 on_primary: Callable[[Configurator], None] | None = None,
+                 on_retire: Callable[[Configurator], None] | None = None) -> None:
+        """`standby`: at start, give a primary `standby_grace` seconds to appear, not `SETTLE`;
+        `ident`: the configurator's identity (default: from the data directory);
+        `on_primary(configurator)`: each time this process becomes the primary, before its
+        configurator starts (so nothing it commits is missed); `on_retire(configurator)`: after
+        that configurator stopped (the turn ended: stopped, or fenced by a newer one)."""
+        self.on_primary, self.on_retire = on_primary, on_retire
         self.settings = settings
-        self.ident = identity(settings)
+        self.ident = ident or identity(settings)
         self.topic = Topics(settings.root).configurator_state
         self.broker = BrokerUrl.parse(settings.broker)
         self.patience = settings.standby_grace if standby else SETTLE
         self.primary: Configurator | None = None
         """The configurator this process runs while it is the primary."""
 
-    def run(self, stop: threading.Event) -> None:
-        """Take turns until `stop` is set."""
-        while self._wait(stop) and not self._serve(stop):
+    def run(self, stop: threading.Event, *, wait_first: bool = True) -> None:
+        """Take turns until `stop` is set; without `wait_first`, be the primary at once (the
+        gateway, whose broker has just started: nobody else can be online on it yet)."""
+        waited = not wait_first or self._wait(stop)
+        while waited and not self._serve(stop):
             self.patience = self.settings.standby_grace
+            waited = self._wait(stop)
 
     def _serve(self, stop: threading.Event) -> bool:
         """Be the primary until `stop` is set (True) or a newer configurator fences this one (False)."""
@@ -109,16 +122,27 @@ class Standby:
             log.warning("%s: standing by", exc)
             return False
         self.primary = service
-        service.start()
+        try:
+            if self.on_primary is not None:
+                self.on_primary(service)
+            service.start()
+        except BaseException:
+            self._retire(service)
+            raise
         while not (stop.wait(POLL) or service.fenced.is_set()):
             pass
-        self.primary = None
-        service.stop()
-        service.store.close()
+        self._retire(service)
         if service.fenced.is_set():
             log.warning("configurator epoch %d was fenced by a newer one: standing by", service.epoch)
             return False
         return True
+
+    def _retire(self, service: Configurator) -> None:
+        self.primary = None
+        service.stop()
+        if self.on_retire is not None:
+            self.on_retire(service)
+        service.store.close()
 
     def _wait(self, stop: threading.Event) -> bool:
         """Block until this process should take over (True) or `stop` is set (False)."""

@@ -85,7 +85,7 @@ class FailurePoll(Model):
     """Long-poll: failures that concern this home and changed after `after`, waiting up to `wait` s."""
 
     after: Annotated[int, Field(ge=0)] = 0
-    wait: Annotated[float, Field(ge=0, le=30)] = 20.0
+    wait: Annotated[int, Field(ge=0, le=30)] = 20
 
 
 class Service(StrEnum):

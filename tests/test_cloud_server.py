@@ -127,7 +127,7 @@ def test_quality_check_connects_in_and_diagnosis_follows_the_rules(server: Cloud
     home = Home(server.url)
     ok = home.call("/v1/quality/check", "cloud.quality.check",
                    QualityRequest(device_id="nas", ports=[PortCheck(port=open_port)], samples=3))
-    assert ok["passed"] and ok["ports"][0]["loss"] == 0 and "p50" in ok["ports"][0]["latency_ms"]
+    assert ok["passed"] and ok["ports"][0]["loss_permille"] == 0 and "p50" in ok["ports"][0]["latency_us"]
     bad = home.call("/v1/quality/check", "cloud.quality.check",
                     QualityRequest(device_id="nas", ports=[PortCheck(port=closed_port)]))
     assert not bad["passed"] and f"tcp/{closed_port}" in bad["reason"]

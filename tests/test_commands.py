@@ -9,7 +9,7 @@ from pathlib import Path
 
 from homenet.brokers import BrokerHandle
 
-from .harness import Gateway, wait_until
+from .harness import Gateway, gateway_view, wait_until
 
 HOMENET = str(Path(sys.executable).parent / "homenet")
 
@@ -28,8 +28,11 @@ def test_forget_removes_the_device_and_what_the_gateway_set_for_it(gateway: Gate
 
     assert gateway.record("test-nas") is None
     gateway.watcher.wait_event("device.forgotten", device_id="test-nas")
-    state = json.loads([p for t, p, _ in gateway.watcher.messages if t == gateway.topics.gateway_state][-1])
-    assert state["body"]["reservations"] == [] and state["body"]["port_mappings"] == []
+    state = wait_until(lambda: (v := gateway_view(list(gateway.watcher.messages), gateway.topics))
+                       and not v["reservations"] and v, what="gateway state without the NAS")
+    assert state["port_mappings"] == []
+    summary = [p for t, p, _ in gateway.watcher.messages if t == gateway.topics.gateway_state][-1]
+    assert json.loads(summary)["body"]["devices"] == 0
     config_topic = gateway.topics.device("test-nas", "config")
     wait_until(lambda: [p for t, p, _ in gateway.watcher.messages if t == config_topic][-1] == b"",
                what="retained config cleared")

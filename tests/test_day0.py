@@ -7,7 +7,7 @@ from __future__ import annotations
 import subprocess
 import sys
 import textwrap
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -36,6 +36,8 @@ class Home:
     lan: Namespace | None = None
     """The namespace whose br0 the devices plug into: `gw` unless the LAN is another box's
     (a third-party router)."""
+    run_gateway: Callable[[], subprocess.Popen[str]] | None = None
+    """Starts `homenet gateway run` (again) as `start_home` did; its output goes on in gateway.log."""
 
     @property
     def db(self) -> Path:
@@ -85,10 +87,13 @@ def start_home(lab: Lab, tmp: Path, lan: str = "192.168.50", tls: bool = False) 
         """))
     listeners = (["--no-plain", "--tls-listen", "0.0.0.0:8883", "--tls-listen", ":::8883"] if tls
                  else ["--listen", "0.0.0.0:1883", "--listen", ":::1883"])
-    gw.popen(HOMENET, "gateway", "run", "--config", str(conf), "--data-dir", str(tmp / "gw"),
-             *listeners, "--beacon-interface", "br0",
-             stdout=(tmp / "gateway.log").open("w"), stderr=subprocess.STDOUT)
-    return Home(lab, gw, tmp)
+
+    def run_gateway() -> subprocess.Popen[str]:
+        return gw.popen(HOMENET, "gateway", "run", "--config", str(conf), "--data-dir", str(tmp / "gw"),
+                        *listeners, "--beacon-interface", "br0",
+                        stdout=(tmp / "gateway.log").open("a"), stderr=subprocess.STDOUT)
+    run_gateway()
+    return Home(lab, gw, tmp, run_gateway=run_gateway)
 
 
 @pytest.fixture
