@@ -43,14 +43,14 @@ def cloud() -> None:
 @click.option("--listen", default="127.0.0.1:8620", show_default=True, help="HOST:PORT to serve HTTP on.")
 @click.option("--operator-token-file", type=click.Path(path_type=Path, dir_okay=False),
               help="Enables the operator API (/v1/operator/…) for this bearer token.")
-@click.option("--verbose", "-v", is_flag=True, help="homenet's own lines from debug up, and uvicorn's access log.")
+@click.option("--access-log", is_flag=True, help="Log every request (uvicorn's access log).")
+@logs.options
 def run(database: str | None, data_dir: Path | None, listen: str, operator_token_file: Path | None,
-        verbose: bool) -> None:
+        access_log: bool) -> None:
     """Serve the four roles; any number of these processes may share one PostgreSQL database."""
     from .db import DatabaseError
     from .server import app_for, serve
 
-    logs.setup("debug" if verbose else "info")
     host, _, port = listen.rpartition(":")
     if not host or not port.isdigit():
         raise click.ClickException(f"--listen {listen!r}: expected HOST:PORT")
@@ -62,7 +62,7 @@ def run(database: str | None, data_dir: Path | None, listen: str, operator_token
     except DatabaseError as exc:
         raise click.ClickException(str(exc)) from None
     click.echo(f"homenet cloud serving on http://{listen} ({database or data_dir / 'cloud.db'})", err=True)
-    serve(app, host.strip("[]"), int(port), verbose)
+    serve(app, host.strip("[]"), int(port), access_log)
 
 
 @cloud.command("openapi")

@@ -42,6 +42,11 @@ homes = sa.Table(
 )
 migrations("homes", Migration(1, create(homes)))
 
+# Built once: on the path of every request, statement construction was a fifth of its CPU.
+_SELECT_HOME = sa.select(homes).where(homes.c.home_id == sa.bindparam("id")).with_for_update()
+_UPDATE_WINDOW = homes.update().where(homes.c.home_id == sa.bindparam("id")).values(
+    high_seq=sa.bindparam("high"), seen_mask=sa.bindparam("mask"))
+
 
 class Refused(Exception):
     """A request the cloud does not serve; `status` is the HTTP status, the text the reason."""
@@ -63,7 +68,7 @@ class Home:
 def authenticate(conn: Connection, envelope: Envelope, body: object) -> Home:
     """The home that sent this signed request, after its signature and seq are checked and the
     seq recorded (in `conn`'s transaction: a refused request leaves nothing behind)."""
-    row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender).with_for_update()).first()
+    row = conn.execute(_SELECT_HOME, {"id": envelope.sender}).first()
     if isinstance(body, Hello):
         key = unb64(body.public_key)
         if key is None or len(key) != 32:
@@ -74,7 +79,7 @@ def authenticate(conn: Connection, envelope: Envelope, body: object) -> Home:
         if row is None:
             conn.execute(homes.insert().values(home_id=envelope.sender, public_key=body.public_key,
                                                region=body.region))
-            row = conn.execute(sa.select(homes).where(homes.c.home_id == envelope.sender).with_for_update()).one()
+            row = conn.execute(_SELECT_HOME, {"id": envelope.sender}).one()
         elif row.public_key != body.public_key:
             raise Refused(403, f"another key ({fingerprint(unb64(row.public_key) or b'')}) is bound to "
                                f"home {envelope.sender!r}")
@@ -106,7 +111,7 @@ def _check_seq(conn: Connection, home_id: str, high: int, mask: int, seq: int) -
     if window is None:
         raise Refused(409, f"replayed or out of order: seq {seq} from home {home_id!r} was already used "
                            f"or is more than {REPLAY_WINDOW} below {high}, the highest seen")
-    conn.execute(homes.update().where(homes.c.home_id == home_id).values(high_seq=window[0], seen_mask=window[1]))
+    conn.execute(_UPDATE_WINDOW, {"id": home_id, "high": window[0], "mask": window[1]})
 
 
 def server_key(conn: Connection) -> KeyPair:

@@ -19,7 +19,6 @@ from .api import Api
 from .db import engine, migrate, url_of
 
 ROLES = (service, quality, failure, diagnosis)
-log = logging.getLogger(__name__)
 
 
 def make_api(eng: Engine, operator_token: str | None = None) -> Api:
@@ -32,7 +31,10 @@ def app_for(database: str | None, data_dir: Path, operator_token: str | None = N
     return make_api(engine(url_of(database, data_dir / "cloud.db")), operator_token).app()
 
 
-def serve(app: Starlette, host: str, port: int, verbose: bool = False) -> None:
-    config = uvicorn.Config(app, host=host, port=port, log_level="info" if verbose else "warning",
-                            access_log=verbose, timeout_graceful_shutdown=5)
+def serve(app: Starlette, host: str, port: int, access_log: bool = False) -> None:
+    """Serve until SIGINT/SIGTERM; logging as `logs.setup` made it (uvicorn's own config is not used)."""
+    if access_log:
+        logging.getLogger("uvicorn.access").setLevel(logging.INFO)
+    config = uvicorn.Config(app, host=host, port=port, log_config=None, access_log=access_log,
+                            timeout_graceful_shutdown=2)  # a long-poll cut short: the home asks again
     uvicorn.Server(config).run()

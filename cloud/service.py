@@ -8,6 +8,7 @@ configuration here so that a replacement gateway can restore it.
 
 from __future__ import annotations
 
+import functools
 from typing import Any
 
 import sqlalchemy as sa
@@ -57,10 +58,15 @@ backups = sa.Table(
 migrations("service", Migration(1, create(profiles, reports, backups)))
 
 
+@functools.cache
+def _insert_once(dialect: str, table: sa.Table) -> Any:
+    insert = postgresql.insert if dialect == "postgresql" else sqlite.insert
+    return insert(table).on_conflict_do_nothing().returning(table.c.n)
+
+
 def insert_once(conn: Connection, table: sa.Table, **values: Any) -> bool:
     """INSERT … ON CONFLICT DO NOTHING (both dialects have it); False when the row was there."""
-    insert = (postgresql.insert if conn.dialect.name == "postgresql" else sqlite.insert)(table)
-    return conn.execute(insert.values(**values).on_conflict_do_nothing().returning(table.c.n)).first() is not None
+    return conn.execute(_insert_once(conn.dialect.name, table), values).first() is not None
 
 
 def store_report(conn: Connection, table: sa.Table, home: Home, report: Report) -> dict[str, Any]:
@@ -77,9 +83,12 @@ def hello(_conn: Connection, home: Home, _body: Hello) -> dict[str, Any]:
     return {"home_id": home.home_id, "region": home.region}
 
 
+_SELECT_PROFILE = sa.select(profiles.c.doc).where(profiles.c.maker == sa.bindparam("maker"),
+                                                  profiles.c.model == sa.bindparam("model"))
+
+
 def profile(conn: Connection, _home: Home, query: ProfileQuery) -> dict[str, Any]:
-    doc = conn.execute(sa.select(profiles.c.doc).where(profiles.c.maker == query.maker,
-                                                       profiles.c.model == query.model)).scalar()
+    doc = conn.execute(_SELECT_PROFILE, {"maker": query.maker, "model": query.model}).scalar()
     return {"profile": doc}
 
 

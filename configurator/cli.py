@@ -447,6 +447,22 @@ _device_command("reject", "rejected", "Refuse a device waiting for approval; it 
 _device_command("reset", "reset", "Unbind a device's key (e.g. reinstalled): its next registration binds a new one.")
 
 
+@devices.command("replace")
+@click.argument("device_id", callback=_checked("device id"))
+@click.argument("predecessor", callback=_checked("device id"))
+@CONFIG
+@DATA_DIR
+@BROKER
+def devices_replace(device_id: str, predecessor: str, config: Path | None, data_dir: Path | None,
+                    broker: str | None) -> None:
+    """DEVICE_ID, a new unit of the same model, takes the place of PREDECESSOR (forgotten):
+    its address and port forwards."""
+    from homenet.schemas.messages import Command
+
+    reply = _command(config, data_dir, broker, Command(op="replace", device_id=device_id, predecessor=predecessor))
+    click.echo(f"{device_id} took the place of {predecessor} ({reply.result.get('address') or 'no address'})")
+
+
 @devices.command("pair")
 @click.argument("code")
 @CONFIG

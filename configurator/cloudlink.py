@@ -298,7 +298,7 @@ class CloudLink:
         version = self.state.meta("backup_version", 0) + 1
         try:
             self._call("/v1/service/backup/put", "cloud.backup.put", Backup(version=version, devices=devices, meta={
-                k: meta[k] for k in ("epoch", "seq_reserved", "lan") if k in meta}), 30)
+                k: meta[k] for k in ("epoch", "seq_reserved", "lan", "retired") if k in meta}), 30)
         except CloudError:
             self._backup_due = True
             raise
@@ -447,7 +447,7 @@ def restore(settings: CloudSettings, key: Any, data_dir: Path, store: Any) -> in
         for doc in backup["devices"]:
             store.put(DeviceRecord.model_validate(doc))
         meta = backup.get("meta", {})
-        store.set_meta(**{k: meta[k] for k in ("lan", "epoch") if k in meta},
+        store.set_meta(**{k: meta[k] for k in ("lan", "epoch", "retired") if k in meta},
                        seq_reserved=int(meta.get("seq_reserved", 0)) + RESTORE_SEQ_GAP)
     log.info("restored %d devices from the cloud backup (version %d)", len(backup["devices"]), backup["version"])
     return len(backup["devices"])

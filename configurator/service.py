@@ -32,7 +32,7 @@ from contextlib import AbstractContextManager, nullcontext
 from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.accounts import AccountError, AccountStore
@@ -42,7 +42,8 @@ from homenet.schemas import (MAX_PAYLOAD, ContractError, Envelope, Topics, Topic
                              strictjson)
 from homenet.schemas.results import result_problem
 from homenet.schemas.signing import b64, canonical_pairing_code, fingerprint, pairing_code, unb64
-from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
+from homenet.schemas.messages import (Command, CommandReply, Config, ConfigItem, ConfigResult, ConfiguratorState,
+                                      DeviceInfo,
                                       DeviceStatus,
                                       Event as EventBody, ItemResult, ItemStatus, Model,
                                       RegisterReply, RegisterStatus, ResultStatus, Rpc, Severity)
@@ -73,6 +74,20 @@ MAX_BATCH = 500
 """Messages handled in one transaction at most: bounds the work lost to one failed commit."""
 _STOP = object()
 Task = Callable[[], None]
+
+
+RETIRED_KEPT = 100
+"""Forgotten devices whose settings a replacement unit can still take."""
+_CONFIG_ITEM: TypeAdapter[ConfigItem] = TypeAdapter(ConfigItem)
+
+
+def _model_of(info: DeviceInfo) -> list[str]:
+    return [info.device_type, info.maker, info.model]
+
+
+def _describe(model: list[str]) -> str:
+    device_type, *made = model
+    return f"{device_type} ({' '.join(m for m in made if m) or 'no model'})"
 
 
 class Extension(Protocol):
@@ -473,8 +488,8 @@ class Configurator:
         envelope, command = decode(payload, expected_kind="command")
         try:
             handler = {"forget": self._forget, "approve": self._approve, "reject": self._reject,
-                       "pair": self._pair, "reset": self._reset, "refresh": self._refresh, "user.add": self._user_add,
-                       "user.remove": self._user_remove}[command.op]
+                       "pair": self._pair, "reset": self._reset, "refresh": self._refresh, "replace": self._replace,
+                       "user.add": self._user_add, "user.remove": self._user_remove}[command.op]
             result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
         except (Rejected, AccountError) as exc:  # AccountError: e.g. Mosquitto refused the change
@@ -573,7 +588,39 @@ class Configurator:
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
             self._publish_raw(self.topics.device(record.device_id, channel), b"", retain=True)
         self.publish_gateway_state()
+        self._retire(record)
         self.event("device.forgotten", device_id=record.device_id, address=record.address)
+        return {"device_id": record.device_id, "address": record.address}
+
+    def _retire(self, record: DeviceRecord) -> None:
+        """Keep what a forgotten device had, so that a new unit of its model can take it (`replace`)."""
+        if record.config is None:
+            return
+        retired = dict(self.store.meta().get("retired", {}))
+        retired.pop(record.device_id, None)
+        retired[record.device_id] = {"model": _model_of(record.info),
+                                     "items": [i.model_dump(mode="json") for i in record.config.items]}
+        self.store.set_meta(retired=dict(list(retired.items())[-RETIRED_KEPT:]))
+
+    def _replace(self, command: Command) -> dict[str, Any]:
+        """A new unit of a forgotten device's model takes its settings (address, port forwards),
+        when the owner says so: `homenet devices replace NEW OLD`."""
+        record = self._known(command, *PLANNABLE)
+        retired = dict(self.store.meta().get("retired", {}))
+        old = retired.get(command.predecessor or "")
+        if old is None:
+            raise Rejected(f"no forgotten device {command.predecessor!r} whose place {record.device_id} could take")
+        if old["model"] != _model_of(record.info):
+            raise Rejected(f"{record.device_id} is a {_describe(_model_of(record.info))}, {command.predecessor} was a "
+                           f"{_describe(old['model'])}: only a unit of the same model takes its place")
+        previous = [_CONFIG_ITEM.validate_python(i) for i in old["items"]]
+        record, planned = self._plan(record, again=True, previous=previous)
+        self._put(record)
+        self._after_commit(record, planned)
+        del retired[command.predecessor]
+        self.store.set_meta(retired=retired)
+        self.event("device.replaced", device_id=record.device_id, predecessor=command.predecessor,
+                   reason=f"takes the place of {command.predecessor}: {record.address or record.error}")
         return {"device_id": record.device_id, "address": record.address}
 
     def _on_config_seen(self, device_id: str, payload: bytes, retained: bool) -> None:
@@ -782,10 +829,13 @@ class Configurator:
     def _view(self, device_id: str) -> NetworkView:
         return self.holdings.view(self.driver.lan(), device_id, self.driver.name)
 
-    def _plan(self, record: DeviceRecord, again: bool = False) -> tuple[DeviceRecord, bool]:
+    def _plan(self, record: DeviceRecord, again: bool = False,
+              previous: list[ConfigItem] | None = None) -> tuple[DeviceRecord, bool]:
         """Evaluate the device; return the updated record and whether a new config version was made
-        (`again`: even when nothing changed, so that the agent applies it once more)."""
-        previous = record.config.items if record.config else []
+        (`again`: even when nothing changed, so that the agent applies it once more; `previous`:
+        the items to keep stable, by default its own config's)."""
+        if previous is None:
+            previous = record.config.items if record.config else []
         try:
             plan = evaluate(record.info, self._view(record.device_id), previous, self.profile_source(record.info))
         except PlanError as exc:

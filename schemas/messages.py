@@ -253,9 +253,13 @@ class RpcReply(Model):
 class Command(Model):
     """An operator's request to the configurator (the `homenet devices ...` commands)."""
 
-    op: Literal["forget", "approve", "reject", "pair", "reset", "refresh", "user.add", "user.remove"] = Field(
+    op: Literal["forget", "approve", "reject", "pair", "reset", "refresh", "replace", "user.add",
+                "user.remove"] = Field(
         description="The operation (the `homenet devices ...` and `homenet users ...` commands).")
-    device_id: DeviceId | None = Field(None, description="The device, for forget, approve, reject, reset and refresh.")
+    device_id: DeviceId | None = Field(
+        None, description="The device, for forget, approve, reject, reset, refresh and replace.")
+    predecessor: DeviceId | None = Field(
+        None, description="For `replace`: the forgotten device of the same model whose settings `device_id` takes.")
     code: Annotated[str, Field(max_length=16, description="The pairing code the device shows, for `pair`.")] = ""
     user: DeviceId | None = Field(None, description="The operator account, for `user.add` and `user.remove`.")
     read_only: bool = Field(True, description="For `user.add`: a read-only account (else an operator).")

@@ -4,6 +4,9 @@ configurator kill -9, and the operator's failure notices reaching the home."""
 
 from __future__ import annotations
 
+import json
+import shutil
+import sqlite3
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -11,6 +14,8 @@ from pathlib import Path
 import pytest
 
 from homenet.brokers import Embedded
+from homenet.configurator.app import KEY_NAME
+from homenet.configurator.lifecycle import State
 from homenet.configurator.cloudlink import CloudLink
 from homenet.configurator.cloudstate import FILE_NAME, CloudState, cloud_detail
 from homenet.schemas.messages import PortMappingItem
@@ -69,13 +74,11 @@ def test_sequence_1_gives_a_known_model_its_service_profile_and_reports_it(home:
 
 def cloud_backup(cloud: CloudServer) -> set[str]:
     """The device ids in the home's latest backup, read from the cloud's database."""
-    import sqlite3
     db = sqlite3.connect(cloud.tmp / "cloud-data" / "cloud.db")
     try:
         row = db.execute("SELECT doc FROM service_backups WHERE home_id = 'home-1'").fetchone()
     finally:
         db.close()
-    import json
     return {d["device_id"] for d in json.loads(row[0])["devices"]} if row else set()
 
 
@@ -156,11 +159,6 @@ lookup_timeout = 0.5
 
 def test_a_replacement_gateway_restores_the_home_from_its_backup(
         embedded: Embedded, tmp_path: Path, cloud: CloudServer) -> None:
-    import shutil
-
-    from homenet.configurator.app import KEY_NAME
-    from homenet.configurator.lifecycle import State
-
     old = Gateway(embedded, tmp_path, cloud=link_settings(cloud))
     old.start()
     for device_type in ("nas", "iptv-stb"):
@@ -187,7 +185,7 @@ def test_a_replacement_gateway_restores_the_home_from_its_backup(
         assert {r.device_id: str(r.address) for r in state.reservations} == \
             {d: r.address for d, r in before.items()}
         assert [m.device_id for m in state.port_mappings] == ["nas-1"]
-        # the devices confirm to the new gateway without a person: a config changed now is applied
+        # the devices come back to the new gateway (same key, same broker) without a person
         assert new.watcher is not None
         new.watcher.messages.clear()
         for agent in agents:
@@ -197,3 +195,29 @@ def test_a_replacement_gateway_restores_the_home_from_its_backup(
             new.watcher.wait_event("device.online", timeout=15, device_id=device_id)
     finally:
         new.close()
+
+
+def test_what_an_outage_explains_is_neither_reported_nor_diagnosed(home: Gateway, cloud: CloudServer) -> None:
+    from homenet.schemas.messages import ItemResult, ItemStatus, ResultStatus
+
+    home.agent("iptv-stb", "stb")
+    record = home.wait_configured("stb")
+    assert home.configurator is not None and record.result is not None
+    igmp_failed = record.model_copy(update={"result": record.result.model_copy(update={
+        "status": ResultStatus.FAILED,
+        "items": [ItemResult(item="igmp", status=ItemStatus.FAILED, detail="no multicast")]})})
+    home.configurator.submit(lambda: home.configurator.store.put(igmp_failed))
+    wait_until(lambda: (r := home.record("stb")) and r.result.status == ResultStatus.FAILED, 5, "the failed result")
+
+    cloud.request("POST", "/v1/operator/failures", {"service": "iptv", "summary": "multicast down", "region": "north"})
+    wait_until(lambda: link(home).state.active_failures(), 5, "the outage known at home")
+    link(home)._failed("stb", "config.failed", "igmp: no multicast")
+    assert home.watcher is not None
+    home.watcher.wait_event("cloud.explained", reason="explained by service failure #1")
+    assert cloud.get("/v1/operator/homes/home-1/diagnoses") == []
+
+    cloud.request("POST", "/v1/operator/failures/1/resolve")
+    wait_until(lambda: not link(home).state.active_failures(), 5, "the outage over")
+    link(home)._failed("stb", "config.failed", "igmp: no multicast")
+    wait_until(lambda: cloud.get("/v1/operator/failure-reports"), 10, "the failure reported upstream")
+    assert [d["device_id"] for d in cloud.get("/v1/operator/homes/home-1/diagnoses")] == ["stb"]

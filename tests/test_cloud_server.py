@@ -4,6 +4,8 @@ two processes on one database, and bad input refused with nothing stored."""
 from __future__ import annotations
 
 import json
+import socket
+import subprocess
 import threading
 import time
 from collections.abc import Iterator
@@ -14,15 +16,15 @@ import pytest
 
 from homenet.keys import KeyPair
 from homenet.schemas import encode
-from homenet.schemas.cloud import (CLOUD_BODIES, DiagnosisBundle, FailurePoll, Hello, PortCheck, ProfileQuery,
-                                   QualityRequest, Report, ReportKind)
+from homenet.schemas.cloud import (CLOUD_BODIES, Backup, BackupQuery, DiagnosisBundle, FailurePoll, Hello,
+                                   PortCheck, ProfileQuery, QualityRequest, Report, ReportKind)
 from homenet.schemas.signing import b64
 from homenet.configurator.cloudclient import CloudClient, CloudError
 from homenet.netutil import free_port
 
 from homenet.postgres import Postgres, postgres_bin
 
-from .cloudlab import CloudServer
+from .cloudlab import CloudServer, homenet_bin
 from .conftest import IN_CI
 
 NAS = {"maker": "Acme", "model": "NAS 4000", "name": "acme-nas", "qos": "bulk",
@@ -85,7 +87,6 @@ def test_service_profiles_reports_and_backup(server: CloudServer) -> None:
     assert home.call("/v1/service/report", "cloud.report", report)["stored"] is True
     assert home.call("/v1/service/report", "cloud.report", report)["duplicate"] is True  # exactly once
     assert [r["report_id"] for r in server.get("/v1/operator/homes/home-1/inventory")] == ["r" * 12]
-    from homenet.schemas.cloud import Backup, BackupQuery
     home.call("/v1/service/backup/put", "cloud.backup.put", Backup(version=2, devices=[{"device_id": "nas"}]))
     home.call("/v1/service/backup/put", "cloud.backup.put", Backup(version=1, devices=[]))  # older: ignored
     assert home.call("/v1/service/backup/get", "cloud.backup.get", BackupQuery())["backup"]["devices"] == \
@@ -119,7 +120,6 @@ def test_failure_published_reaches_a_waiting_home_and_only_the_homes_concerned(s
 
 
 def test_quality_check_connects_in_and_diagnosis_follows_the_rules(server: CloudServer) -> None:
-    import socket
     listener = socket.socket()
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -214,3 +214,26 @@ def test_the_replay_window_takes_each_seq_once_and_late_ones_only_within_it() ->
     assert accept_seq(high, mask, 12 - REPLAY_WINDOW - 1) is None  # too old to tell
     far, far_mask = accept_seq(high, mask, 12 + REPLAY_WINDOW + 5)
     assert far_mask == 0 and accept_seq(far, far_mask, far - 1) is not None
+
+
+def test_the_operator_cli_manages_profiles_and_says_what_was_refused(tmp_path: Path) -> None:
+    server = CloudServer(tmp_path, None)
+    server.start()
+    try:
+        def cloud(*args: str, token: Path = server.token_file) -> subprocess.CompletedProcess[str]:
+            return subprocess.run([homenet_bin(), "cloud", *args, "--url", server.url, "--token-file", str(token)],
+                                  capture_output=True, text=True, timeout=30)
+        assert cloud("profiles", "set", "Acme", "NAS 4000", "--name", "acme-nas", "--qos", "bulk",
+                     "--port", "tcp/443:web").returncode == 0
+        assert cloud("profiles", "list").stdout.split("\t")[:4] == ["Acme", "NAS 4000", "acme-nas", "bulk"]
+        wrong = tmp_path / "wrong.token"
+        wrong.write_text("not-the-operator-token\n")
+        refused = cloud("profiles", "list", token=wrong)
+        assert refused.returncode == 1 and refused.stderr.strip() == \
+            "Error: GET /v1/operator/profiles: 401 operator token missing or wrong (Authorization: Bearer …)"
+        bad = cloud("profiles", "set", "Acme", "X", "--name", "n", "--port", "ftp/21")
+        assert bad.returncode == 1 and "expected tcp/PORT or udp/PORT" in bad.stderr and "Traceback" not in bad.stderr
+        assert cloud("profiles", "remove", "Acme", "NAS 4000").returncode == 0
+        assert server.get("/v1/operator/profiles") == []
+    finally:
+        server.kill()
