@@ -24,7 +24,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PACKAGES = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients", "ping": "iputils-ping",
             "nft": "nftables", "tc": "iproute2", "miniupnpd": "miniupnpd-nftables", "dnsmasq": "dnsmasq-base",
             "NetworkManager": "network-manager", "nmcli": "network-manager", "mosquitto_ctrl": "mosquitto",
-            "mosquitto_dynamic_security.so": "mosquitto"}
+            "mosquitto_dynamic_security.so": "mosquitto", "systemd-analyze": "systemd"}
 
 
 def require_program(name: str, path: str | None = None) -> str:
