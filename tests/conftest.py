@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -84,3 +86,21 @@ def started() -> Iterator[list[Process]]:
     yield procs
     for p in procs:
         p.kill()
+
+
+NOBODY = ("--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+@pytest.fixture
+def as_nobody() -> list[str]:
+    """A command prefix that drops to an unprivileged user."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        if IN_CI:
+            pytest.fail("CI runs as root with util-linux setpriv; this test must run there")
+        pytest.skip("needs root and setpriv to drop privileges")
+    probe = subprocess.run([setpriv, *NOBODY, sys.executable, "-c", "import homenet.agent.cli"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"the virtualenv is not readable by an unprivileged user: {probe.stderr.strip()}")
+    return [setpriv, *NOBODY]

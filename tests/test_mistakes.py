@@ -20,7 +20,6 @@ from homenet.netutil import free_port
 
 from .harness import wait_until
 from .processes import Process
-from .test_privileges import as_nobody  # noqa: F401  (a fixture)
 
 BIN = Path(sys.executable).parent
 HOMENET, AGENT = str(BIN / "homenet"), str(BIN / "homenet-agent")
@@ -100,7 +99,7 @@ def root_only_dir() -> Iterator[Path]:
     shutil.rmtree(path, ignore_errors=True)
 
 
-def test_a_data_dir_the_user_cannot_write_is_named(as_nobody: list[str], root_only_dir: Path) -> None:  # noqa: F811
+def test_a_data_dir_the_user_cannot_write_is_named(as_nobody: list[str], root_only_dir: Path) -> None:
     out = subprocess.run([*as_nobody, HOMENET, "gateway", "run", "--listen", f"127.0.0.1:{free_port()}",
                           "--data-dir", str(root_only_dir / "gw")], capture_output=True, text=True, timeout=30)
     assert one_line_error(out) == (f"Error: data directory {root_only_dir / 'gw'} cannot be made: {root_only_dir} "
@@ -109,7 +108,7 @@ def test_a_data_dir_the_user_cannot_write_is_named(as_nobody: list[str], root_on
     assert list(root_only_dir.iterdir()) == []
 
 
-def test_devices_list_without_permission_says_permission(as_nobody: list[str], root_only_dir: Path,  # noqa: F811
+def test_devices_list_without_permission_says_permission(as_nobody: list[str], root_only_dir: Path,
                                                          tmp_path: Path) -> None:
     from homenet.configurator.store import SqliteStore
 
