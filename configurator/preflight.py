@@ -27,7 +27,7 @@ def need_gateway_extra(command: str) -> None:
     missing = [m for m in ("amqtt", "cryptography") if importlib.util.find_spec(m) is None]
     if missing:
         raise PreflightError(f"`{command}` needs the gateway extra ({', '.join(missing)} not installed): "
-                             f"pip install '{DISTRIBUTION}[gateway]'")
+                             f"pip install '{DISTRIBUTION}[gateway]' (in a checkout: '.[gateway]')")
 
 
 def check_binds(binds: list[str]) -> None:

@@ -163,4 +163,4 @@ def test_the_gateway_extra_is_named_when_missing() -> None:
             "from homenet.configurator.cli import main; sys.argv = ['homenet', 'broker', 'run']; main()")
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30)
     assert one_line_error(out) == (f"Error: `homenet broker run` needs the gateway extra (amqtt not installed): "
-                                   f"pip install '{DISTRIBUTION}[gateway]'")
+                                   f"pip install '{DISTRIBUTION}[gateway]' (in a checkout: '.[gateway]')")

@@ -76,7 +76,7 @@ def test_a_venv_under_opt_installs_the_agent_then_the_gateway_and_the_units_veri
     out = run(venv / "bin" / "homenet", "gateway", "run", "--data-dir", tmp_path / "gw")
     assert out.returncode == 1 and "Traceback" not in out.stderr
     assert out.stderr.strip() == (f"Error: `homenet gateway run` needs the gateway extra (amqtt, cryptography "
-                                  f"not installed): pip install '{DISTRIBUTION}[gateway]'")
+                                  f"not installed): pip install '{DISTRIBUTION}[gateway]' (in a checkout: '.[gateway]')")
     assert not (tmp_path / "gw").exists()
 
     assert run(pip, "install", "--quiet", f"{wheel}[gateway]").returncode == 0
