@@ -10,6 +10,7 @@ import os
 import shutil
 import subprocess
 import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -104,3 +105,23 @@ def as_nobody() -> list[str]:
     if probe.returncode != 0:
         pytest.fail(f"the virtualenv is not readable by an unprivileged user: {probe.stderr.strip()}")
     return [setpriv, *NOBODY]
+
+
+def _outside_tmp_path(mode: int) -> Iterator[Path]:
+    """A directory the unprivileged user can reach (pytest's tmp_path parents are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="homenet-shared-"))
+    path.chmod(mode)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory everyone may write."""
+    yield from _outside_tmp_path(0o777)
+
+
+@pytest.fixture
+def root_only_dir() -> Iterator[Path]:
+    """A directory everyone may enter and read, and only root may write."""
+    yield from _outside_tmp_path(0o755)

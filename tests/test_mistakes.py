@@ -4,11 +4,9 @@ or path, print no traceback, and create nothing."""
 
 from __future__ import annotations
 
-import shutil
 import socket
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -88,15 +86,6 @@ def test_each_mistake_gets_one_line_naming_it_and_creates_nothing(case: str, tmp
     out = subprocess.run([a.format(**values) for a in command], capture_output=True, text=True, timeout=30)
     assert message.format(**values) in one_line_error(out)
     assert sorted(tmp_path.rglob("*")) == before  # not even the data directory
-
-
-@pytest.fixture
-def root_only_dir() -> Iterator[Path]:
-    """A directory everyone may enter and no one but root may write."""
-    path = Path(tempfile.mkdtemp(prefix="homenet-ro-"))
-    path.chmod(0o755)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_a_data_dir_the_user_cannot_write_is_named(as_nobody: list[str], root_only_dir: Path) -> None:

@@ -3,27 +3,14 @@ still works when given --broker."""
 
 from __future__ import annotations
 
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
 
 from .harness import Gateway
 
 AGENT = str(Path(sys.executable).parent / "homenet-agent")
-
-
-@pytest.fixture
-def nobody_dir() -> Iterator[Path]:
-    """A directory the unprivileged user can reach (pytest's tmp_path parents are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="homenet-nobody-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
 
 
 def test_without_cap_net_raw_the_agent_says_how_to_grant_it(as_nobody: list[str], nobody_dir: Path) -> None:
