@@ -7,7 +7,6 @@ import subprocess
 import sys
 from pathlib import Path
 
-
 from .harness import Gateway
 
 AGENT = str(Path(sys.executable).parent / "homenet-agent")
