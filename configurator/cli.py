@@ -97,9 +97,9 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         watchdog = sdnotify.Watchdog(lambda: _gateway_problem(loop, configurator))
         sender = None
         try:
+            configurator.start()  # first: a failure below then stops it as it would stop anyway
             if settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
-                loop = asyncio.get_running_loop()
 
                 def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
                     asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
@@ -110,7 +110,6 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                                       tls=(tls_port, bytes.fromhex(fingerprint)) if tls_port else None,
                                       renumbered=renumbered)
                 sender.start()
-            configurator.start()
             ready = asyncio.create_task(_ready_when(configurator.connected, f"serving on {', '.join(plain + tls)}"))
             watchdog.start()
             await _until_signal()
@@ -136,6 +135,7 @@ def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> No
     try:
         preflight.need_gateway_extra(command)
         preflight.check_binds(settings.broker.listeners + settings.broker.tls_listeners)
+        preflight.check_beacon(settings.beacon.interfaces, settings.beacon.ethertype)
         if data:
             preflight.check_writable(settings.configurator.data_dir)
     except preflight.PreflightError as exc:
