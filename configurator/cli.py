@@ -74,6 +74,8 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
     _preflight("homenet gateway run", settings)
 
+    from amqtt.errors import BrokerError
+
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.server import EmbeddedBroker
     from homenet.l2 import NoRawSocket
@@ -90,7 +92,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings))
         try:
             await broker.start()
-        except Exception as exc:  # amqtt raises BrokerError, wrapping the OSError of a failed bind
+        except BrokerError as exc:  # a bind that failed after the preflight's (e.g. a race for the port)
             raise click.ClickException(f"broker: {exc}") from None
         configurator = build(conf_settings)
         loop = asyncio.get_running_loop()
@@ -277,9 +279,14 @@ def _store(config: Path | None, data_dir: Path | None) -> Any:
         if not path.exists():
             raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
         return SqliteStore(path, read_only=True)
-    except (StoreError, PermissionError) as exc:  # exists() itself fails in a directory one may not enter
-        raise click.ClickException(str(exc) if isinstance(exc, StoreError) else
-                                   f"cannot read {path}: permission denied (run it as the gateway's user or root)") from None
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except PermissionError:  # exists() itself fails in a directory one may not enter
+        raise _unreadable(path) from None
+
+
+def _unreadable(path: Path) -> click.ClickException:
+    return click.ClickException(f"cannot read {path}: permission denied (run it as the gateway's user or root)")
 
 
 @devices.command("list")
@@ -408,8 +415,7 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
     try:
         login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
     except PermissionError:
-        raise click.ClickException(f"cannot read {secret}: permission denied (run it as the gateway's "
-                                   "user or root)") from None
+        raise _unreadable(secret) from None
     try:
         reply = send_command(url, command, conf.root, login, cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
