@@ -199,6 +199,12 @@ class Agent:
         self.client.disconnect()
         _bounded(self.client.loop_stop, STOP_WAIT / 2)
 
+    def problem(self) -> str | None:
+        """What keeps this agent from working, for a watchdog: None while its MQTT loop runs
+        (connected or reconnecting). paho shows its loop thread only as `_thread`."""
+        thread = getattr(self.client, "_thread", None)
+        return None if thread is not None and thread.is_alive() else "the MQTT network loop is not running"
+
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
         msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
         self.client.publish(self._topic(channel), payload, qos=1, retain=retain)

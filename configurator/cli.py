@@ -100,6 +100,10 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
     _preflight("homenet gateway run", settings)
 
+    from subprocess import SubprocessError
+
+    from amqtt.errors import BrokerError
+
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.mosquitto import EngineMissing, MosquittoEngine, choose_engine
     from homenet.broker.server import EmbeddedBroker
@@ -133,7 +137,8 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 await broker.start()
             elif child is not None:
                 child.start()
-        except Exception as exc:  # amqtt raises BrokerError, wrapping the OSError of a failed bind
+        except (BrokerError, RuntimeError, OSError, SubprocessError) as exc:  # a bind that failed after the
+            # preflight's (a race for the port: amqtt's BrokerError wraps the OSError), or Mosquitto's start
             raise click.ClickException(f"broker: {exc}") from None
         loop = asyncio.get_running_loop()
         sender: BeaconSender | None = None
@@ -225,6 +230,7 @@ def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> No
     try:
         preflight.need_gateway_extra(command)
         preflight.check_binds(settings.broker.listeners + settings.broker.tls_listeners)
+        preflight.check_beacon(settings.beacon.interfaces, settings.beacon.ethertype)
         if data:
             preflight.check_writable(settings.configurator.data_dir)
     except preflight.PreflightError as exc:
@@ -367,9 +373,14 @@ def _store(config: Path | None, data_dir: Path | None) -> Any:
         if not path.exists():
             raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
         return SqliteStore(path, read_only=True)
-    except (StoreError, PermissionError) as exc:  # exists() itself fails in a directory one may not enter
-        raise click.ClickException(str(exc) if isinstance(exc, StoreError) else
-                                   f"cannot read {path}: permission denied (run it as the gateway's user or root)") from None
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except PermissionError:  # exists() itself fails in a directory one may not enter
+        raise _unreadable(path) from None
+
+
+def _unreadable(path: Path) -> click.ClickException:
+    return click.ClickException(f"cannot read {path}: permission denied (run it as the gateway's user or root)")
 
 
 JSON = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
@@ -529,8 +540,7 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
     try:
         login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
     except PermissionError:
-        raise click.ClickException(f"cannot read {secret}: permission denied (run it as the gateway's "
-                                   "user or root)") from None
+        raise _unreadable(secret) from None
     try:
         reply = send_command(url, command, conf.root, login, cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
