@@ -653,7 +653,7 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
     from .conformance import Timing, Verdict, check_agent
 
     if find_spec("amqtt") is None:
-        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet[gateway]'")
+        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet-iec62608[gateway]'")
 
     if verbose:
         logs.setup("debug", "info")
