@@ -16,6 +16,7 @@ from homenet.brokers import Mosquitto, wait_listening
 from homenet.netutil import free_port
 
 from .conftest import require_program
+from .test_one_gateway import configurator_state
 from .harness import wait_until
 from .test_cli import AGENT, HOMENET, Processes, devices_list, processes, run  # noqa: F401 (fixture)
 
@@ -69,11 +70,13 @@ def subscribe(mosquitto_sub: str, port: int, topic: str, *login: str) -> bytes:
     return done.stdout
 
 
-def test_when_its_mosquitto_dies_the_gateway_says_so_and_exits(mosquitto_gateway, processes: Processes) -> None:  # noqa: F811
-    gateway, _, data = mosquitto_gateway
+def test_when_its_mosquitto_dies_the_gateway_says_so_and_exits(mosquitto_gateway, processes: Processes,  # noqa: F811
+                                                               mosquitto_sub: str) -> None:
+    gateway, port, data = mosquitto_gateway
     [child] = mosquitto_children(gateway.pid)
-    # killed once the configurator has made its accounts through it (it runs from then on)
-    wait_until(lambda: (data / "admin.secret").exists(), timeout=20, what="the configurator's accounts")
+    # killed once the configurator is online through it (the gateway is serving from then on)
+    wait_until(lambda: configurator_state(mosquitto_sub, port, data)["state"] == "online", timeout=20,
+               what="the configurator online on mosquitto")
     os.kill(child.pid, signal.SIGKILL)
     out, _ = gateway.communicate(timeout=20)
     assert gateway.returncode == 1
