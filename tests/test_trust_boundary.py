@@ -55,12 +55,21 @@ class Home:
         return retained(self.gw.broker.url, 1, login=self.gw.admin)
 
     def receives(self, agent: Agent) -> None:
-        """A signed rpc from the configurator reaches the agent (its session is intact)."""
+        """A signed rpc from the configurator reaches the agent (its session is intact). Asked
+        again each second: an agent whose connection was taken over may be between its new
+        CONNACK and its SUBSCRIBE, when a live rpc has no subscription to reach it by."""
         assert self.gw.configurator is not None
-        msg_id = self.gw.configurator._publish(self.gw.topics.device(agent.device_id, "rpc"), "rpc", Rpc(method="ping"))
         reply = self.gw.topics.device(agent.device_id, "rpc/reply")
-        wait_until(lambda: any(t == reply and msg_id.encode() in p for t, p, _ in self.gw.watcher.messages),
-                   timeout=10, what=f"{agent.device_id} answering the configurator")
+        asked: list[bytes] = []
+
+        def answered() -> bool:
+            if any(t == reply and any(m in p for m in asked) for t, p, _ in self.gw.watcher.messages):
+                return True
+            asked.append(self.gw.configurator._publish(self.gw.topics.device(agent.device_id, "rpc"), "rpc",
+                                                       Rpc(method="ping")).encode())
+            time.sleep(1)
+            return False
+        wait_until(answered, timeout=10, what=f"{agent.device_id} answering the configurator")
 
     def unharmed(self, newcomer: str | None = None, taken_over: bool = False) -> None:
         """`taken_over`: the test logged in with a victim's own account and id, which ends the
