@@ -113,7 +113,12 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 child.start()
             except (RuntimeError, OSError, subprocess.SubprocessError) as exc:
                 raise click.ClickException(f"broker: {exc}") from None
-        configurator = build(conf_settings, identity(conf_settings, child.accounts) if child else None)
+        try:
+            configurator = build(conf_settings, identity(conf_settings, child.accounts) if child else None)
+        except BaseException:
+            if child is not None:
+                child.stop()
+            raise
         sender = None
         try:
             if settings.beacon.interfaces:
