@@ -7,9 +7,10 @@ Apart from the product so that `configurator/` holds only the configurator; inst
                 to the gateway's `config.applied`. Floor: the same wire exchange with canned
                 payloads and a responder that does no work, on the same broker.
   storm         `homenet bench storm` (storm.py, devices from loadgen.py): N new devices at once
-                after a power cut; time until all are confirmed, CPU and peak RSS. The embedded
-                gateway (amqtt, `homenet gateway run`) against Mosquitto + `configurator run`,
-                side by side with the ratio.
+                after a power cut; time until all are confirmed, CPU and peak RSS. The gateway
+                (`homenet gateway run` on amqtt, and on its Mosquitto engine) against the floor
+                Mosquitto + `configurator run`, side by side with the ratio; `--repeat` (and
+                `make storm-lost`) counts devices not confirmed over consecutive storms.
   soak          soak.py (`make soak`): devices join, leave, flap and stall while the broker and
                 the configurator restart; then the invariants. Floor: none, it is a reliability
                 check (every invariant holds, and how long convergence took).
