@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -50,6 +51,7 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
+from . import presence
 from .device import Device
 from .waiting import Waiting
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
@@ -100,6 +102,8 @@ class Agent:
         self.waiting = Waiting(log)
         self._registered_epoch: int | None = None
         self._register_id = ""
+        self._register_sent = 0.0
+        """When the last register went out, unanswered (0 once answered): see _retry_register."""
         self._last_info: DeviceInfo | None = None
         self._stop = threading.Event()
         self.registered = threading.Event()
@@ -175,6 +179,7 @@ class Agent:
         def begin() -> None:
             self._resume_apply()  # first: settings half applied may be what keeps the broker away
             self._seq.reserve()  # the disk sync before connecting, not between CONNACK and register
+            presence.record(self.settings.data_dir, str(self.broker), False)
             self._connect()
         threading.Thread(target=begin, name="agent-start", daemon=True).start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
@@ -193,6 +198,12 @@ class Agent:
                                 retain=True).wait_for_publish(timeout=STOP_WAIT / 2)
         self.client.disconnect()
         _bounded(self.client.loop_stop, STOP_WAIT / 2)
+
+    def problem(self) -> str | None:
+        """What keeps this agent from working, for a watchdog: None while its MQTT loop runs
+        (connected or reconnecting). paho shows its loop thread only as `_thread`."""
+        thread = getattr(self.client, "_thread", None)
+        return None if thread is not None and thread.is_alive() else "the MQTT network loop is not running"
 
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
         msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
@@ -242,11 +253,13 @@ class Agent:
         if self.state.state.last_result:  # the broker may have lost retained messages
             self._publish("config/result", "config.result",
                           ConfigResult.model_validate(self.state.state.last_result), retain=True)
+        presence.record(self.settings.data_dir, str(self.broker), True)
         log.info("agent %s connected to %s", self.device_id, self.broker)
         self.waiting.on(f"a configurator to come online (retained {self.topics.configurator_state} on {self.broker})")
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.registered.clear()
+        presence.record(self.settings.data_dir, str(self.broker), False)
         if not self._stop.is_set():
             # a normal disconnection is the agent's own (e.g. to log in with a new account)
             log.log(logging.WARNING if reason.is_failure else logging.INFO,
@@ -280,12 +293,25 @@ class Agent:
             if self._registered_epoch == state.epoch:
                 return
             self._registered_epoch = state.epoch
-        info = self.device_info()
-        self._register_id, _ = self._publish("register", "register", info)
-        self._last_info = info
+        self._register()
         self.waiting.on(f"configurator {state.configurator_id} to answer the registration")
         log.info("found configurator %s (epoch %d); registering as %s (%s)",
                  state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
+
+    def _register(self) -> None:
+        info = self.device_info()
+        self._register_id, _ = self._publish("register", "register", info)
+        self._register_sent = time.monotonic()
+        self._last_info = info
+
+    def _retry_register(self) -> None:
+        """A register may be dropped on its way (a configurator over its budget of new devices,
+        a broker's full queue): unanswered after `register_retry` seconds, it is sent again."""
+        retry = self.settings.register_retry
+        if (self._register_sent and time.monotonic() - self._register_sent > retry
+                and self.client.is_connected() and not self.registered.is_set()):
+            log.info("no answer to the register after %g s; registering again", retry)
+            self._register()
 
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
         envelope, reply = self._trusted(msg.payload, "register.reply")
@@ -295,6 +321,7 @@ class Agent:
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
+        self._register_sent = 0.0
         if reply.status == RegisterStatus.ACCEPTED:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
@@ -426,6 +453,7 @@ class Agent:
     def _watch_info(self) -> None:
         while not self._stop.wait(self.settings.info_interval):
             try:
+                self._retry_register()
                 self._send_info_if_changed()
             except Exception:
                 log.exception("collecting device info failed")

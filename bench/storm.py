@@ -395,6 +395,7 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
         cpu1 = {name: proc_cpu(pid) for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
         self1 = _self_cpu()
         rss1 = proc_mem(pids["configurator"]) if server.alive() else {}
+        broker_rss = proc_mem(pids["broker"]) if Path(f"/proc/{pids.get('broker', 0)}").exists() else {}
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             try:
@@ -429,7 +430,8 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
                 run.cpu[name] = cpu1[name] - cpu0[name]
         run.cpu["generator"] = sum(r["cpu_s"] for r in results)
         run.cpu["observer"] = self1 - self0
-        run.rss_kb = {"start": rss0.get("VmRSS", 0), "end": rss1.get("VmRSS", 0), "peak": rss1.get("VmHWM", 0)}
+        run.rss_kb = {"start": rss0.get("VmRSS", 0), "end": rss1.get("VmRSS", 0), "peak": rss1.get("VmHWM", 0),
+                      "broker_peak": broker_rss.get("VmHWM", 0)}
         run.gen_procs = len(results)
         run.gen_maxrss_kb = max((r["maxrss_kb"] for r in results), default=0)
         for r in results:
@@ -664,7 +666,9 @@ def details(r: StormRun) -> str:
     lines = [f"  {r.broker} {r.n}: elapsed {r.elapsed_s:.1f} s, confirmed (events) {r.confirmed}/{r.n}, "
              f"configured in the database {r.store_configured}; configurator RSS start "
              f"{r.rss_kb.get('start', 0) / 1024:.1f} MB, end {r.rss_kb.get('end', 0) / 1024:.1f} MB, peak "
-             f"{r.rss_kb.get('peak', 0) / 1024:.1f} MB; {r.gen_procs} generator processes (max RSS "
+             f"{r.rss_kb.get('peak', 0) / 1024:.1f} MB"
+             + (f" (Mosquitto's peak {r.rss_kb['broker_peak'] / 1024:.1f} MB)" if r.rss_kb.get("broker_peak") else "")
+             + f"; {r.gen_procs} generator processes (max RSS "
              f"{r.gen_maxrss_kb / 1024:.0f} MB each); TCP connections {r.connections} (refused {r.refused}); load average (1 min) before "
              f"{r.load_before:.2f}"]
     if r.reconfirmed:

@@ -132,25 +132,24 @@ class HomenetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
         return self.allowed(session, topic, action)
 
     def allowed(self, session: Session | None, topic: str | None, action: Action | None) -> bool:
-        """Synchronous on purpose: see HomenetBroker._topic_filtering. A refused publish or
-        subscribe is reported (`auth.denied`); what a subscriber's filter matches but it may
-        not read is withheld quietly (a reader's `#` matches secrets)."""
+        """Synchronous on purpose: see HomenetBroker._topic_filtering. A refused publish is
+        reported (`auth.denied`); a refused subscription is not (an agent subscribes to its
+        config before it is enrolled, and a refusal gives nothing away), nor what a
+        subscriber's filter matches but it may not read (a reader's `#` matches secrets)."""
         if self.accounts is None:
             return True
         entry = self._roles.get(session.client_id) if session and session.client_id else None
         if entry is None or topic is None:
             return False
         role, name = entry
-        if action == Action.PUBLISH:
-            allowed = may_publish(role, name, self.topics, topic)
-        elif action == Action.SUBSCRIBE:
-            allowed = may_subscribe(role, name, self.topics, topic)
-        else:
+        if action == Action.SUBSCRIBE:
+            return may_subscribe(role, name, self.topics, topic)
+        if action != Action.PUBLISH:
             return may_receive(role, name, self.topics, topic)
+        allowed = may_publish(role, name, self.topics, topic)
         if not allowed:
             assert session is not None
-            self.reports.note("auth.denied", session.client_id,
-                              f"{action.value if action else '?'} on {topic[:160]} refused to {role.value} {name}",
+            self.reports.note("auth.denied", session.client_id, f"publish on {topic[:160]} refused to {role.value} {name}",
                               sender=session.client_id, topic=topic[:160])
         return allowed
 

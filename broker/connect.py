@@ -173,17 +173,24 @@ class AuthFirstConnect(IndexedRouting):
             await self._end(session, handler, ended)
 
     async def _end(self, session: Session, handler: BrokerProtocolHandler, ended: asyncio.Event) -> None:
-        """The connection is over: its session is disconnected (an unknown device's dropped)."""
-        if session.transitions.is_connected():
+        """The connection is over: its session is disconnected (an unknown device's dropped),
+        unless another connection holds the session by now."""
+        client_id = session.client_id or ""
+        if not self._holds(client_id, handler):
+            await self._stop_handler(handler)
+        elif session.transitions.is_connected():
             await self._stop_handler(handler)
             session.transitions.disconnect()
-        client_id = session.client_id or ""
         if self._ended.get(client_id) is ended:
             del self._ended[client_id]
             if self.auth is not None and self.auth.role_of(client_id) == Role.UNKNOWN:
                 await self._cleanup_session(client_id)
                 self.auth.forget(client_id)
         ended.set()
+
+    def _holds(self, client_id: str, handler: BrokerProtocolHandler) -> bool:
+        """Whether `handler`'s connection is the one its session is attached to."""
+        return self._sessions.get(client_id, (None, None))[1] is handler
 
     async def _end_previous(self, client_id: str) -> None:
         """Take-over: end the earlier connection of this client id, without its will, and wait
@@ -192,7 +199,7 @@ class AuthFirstConnect(IndexedRouting):
         previous = self._sessions.get(client_id)
         if ended is None or previous is None:
             return
-        _session, handler = previous
+        session, handler = previous
         log.info("client %s connected again: its earlier connection is closed without its will", client_id)
         self._superseded.add(handler)
         if isinstance(handler.writer, StreamWriterAdapter):
@@ -201,7 +208,10 @@ class AuthFirstConnect(IndexedRouting):
         try:
             await asyncio.wait_for(ended.wait(), TAKEOVER_WAIT)
         except asyncio.TimeoutError:
-            log.warning("the earlier connection of %s did not end within %g s", client_id, TAKEOVER_WAIT)
+            log.warning("the earlier connection of %s did not end within %g s; its session is "
+                        "handed over regardless", client_id, TAKEOVER_WAIT)
+            if session.transitions.is_connected():
+                session.transitions.disconnect()
 
     async def _stored_or_new(self, incoming: Session) -> Session:
         """amqtt's session step, now that the client is who it says it is. The keepalive gets
@@ -224,7 +234,11 @@ class AuthFirstConnect(IndexedRouting):
     async def _handle_disconnect(self, client_session: Session, handler: BrokerProtocolHandler,
                                  disconnect_waiter: asyncio.Future[Any]) -> None:
         """amqtt's, with the will left out when the connection was taken over, or when the
-        client may not publish it now."""
+        client may not publish it now; a connection whose session another holds by now (a
+        take-over that did not wait it out) leaves that session alone."""
+        if not self._holds(client_session.client_id or "", handler):
+            await self._stop_handler(handler)
+            return
         if client_session.will_flag:
             superseded = handler in self._superseded
             if superseded or (self.auth is not None and not self.auth.will_allowed(client_session)):

@@ -52,18 +52,20 @@ log = logging.getLogger(__name__)
 
 
 class EngineMissing(RuntimeError):
-    """`engine = "mosquitto"` on a system without Mosquitto."""
+    """`engine = "mosquitto"` where it cannot run: not installed, or no plain listener."""
 
 
-def choose_engine(engine: str) -> str:
+def choose_engine(settings: BrokerSettings) -> str:
     """"amqtt" or "mosquitto" for the `[broker] engine` setting: `auto` is Mosquitto when its
-    binary is installed."""
-    installed = Mosquitto.binary() is not None
-    if engine == "mosquitto" and not installed:
-        raise EngineMissing('broker engine "mosquitto": mosquitto is not installed (Debian package "mosquitto")')
-    if engine == "auto":
-        return "mosquitto" if installed else "amqtt"
-    return engine
+    binary is installed and there is a plain listener (every account change is confirmed by
+    a local login on it; TLS only is for amqtt for now)."""
+    missing = None if Mosquitto.binary() else "mosquitto is not installed (Debian package \"mosquitto\")"
+    missing = missing or (None if settings.listeners else "it needs a plain listener (TLS only is for amqtt for now)")
+    if settings.engine == "mosquitto" and missing:
+        raise EngineMissing(f'broker engine "mosquitto": {missing}')
+    if settings.engine == "auto":
+        return "amqtt" if missing else "mosquitto"
+    return settings.engine
 
 
 def password_hash(password: str) -> str:
@@ -96,14 +98,14 @@ def acl_file(topics: Topics, users: dict[str, Role]) -> str:
     return "\n".join(out) + "\n"
 
 
-def _connack(port: int, name: str, password: str, timeout: float = 2.0) -> int:
+def _connack(host: str, port: int, name: str, password: str, timeout: float = 2.0) -> int:
     """The CONNACK return code Mosquitto gives a login (MQTT 3.1.1, clean session)."""
     def string(text: str) -> bytes:
         return struct.pack("!H", len(text.encode())) + text.encode()
 
     body = (string("MQTT") + bytes([4, 0xC2]) + struct.pack("!H", 10) + string(f"homenet-probe-{secrets.token_hex(4)}")
             + string(name) + string(password))
-    with socket.create_connection(("127.0.0.1", port), timeout=timeout) as sock:
+    with socket.create_connection((host, port), timeout=timeout) as sock:
         sock.sendall(bytes([0x10, len(body)]) + body if len(body) < 128 else
                      bytes([0x10, (len(body) & 0x7F) | 0x80, len(body) >> 7]) + body)
         answer = sock.recv(4)
@@ -119,6 +121,12 @@ def _die_with_parent() -> None:
 def _bind(bind: str) -> tuple[str, int]:
     host, port = bind.rsplit(":", 1)
     return host or "0.0.0.0", int(port)
+
+
+def _loopback(bind: str) -> tuple[str, int]:
+    """The address this host reaches a listener bound to `bind` at."""
+    host, port = _bind(bind)
+    return ("::1" if ":" in host else "127.0.0.1" if host == "0.0.0.0" else host), port
 
 
 class MirroredAccounts(Accounts):
@@ -206,19 +214,17 @@ class MosquittoEngine:
         self.proc.send_signal(signal.SIGHUP)
         if newest is None:
             return
-        port = self._local_port()
+        host, port = self._local()
         deadline = time.monotonic() + timeout
-        while (code := _connack(port, *newest)) != 0:
+        while (code := _connack(host, port, *newest)) != 0:
             if time.monotonic() > deadline:
                 raise AccountError(f"mosquitto did not take the new account {newest[0]} within {timeout:g} s "
                                    f"(CONNACK code {code})")
             time.sleep(0.002)
 
-    def _local_port(self) -> int:
-        binds = [_bind(b) for b in self.settings.listeners]
-        if not any(host in ("0.0.0.0", "127.0.0.1") for host, _ in binds):
-            raise AccountError("the mosquitto engine needs a plain IPv4 listener on this host")
-        return next(port for host, port in binds if host in ("0.0.0.0", "127.0.0.1"))
+    def _local(self) -> tuple[str, int]:
+        """Where this host reaches the first plain listener (a reload is confirmed there)."""
+        return _loopback(self.settings.listeners[0])
 
     def _prepare(self) -> str:
         """Write the config and the account files from the accounts file as it is."""
@@ -254,8 +260,7 @@ class MosquittoEngine:
         conf = self._prepare()
         self.proc = subprocess.Popen([str(Mosquitto.binary()), "-c", conf], preexec_fn=_die_with_parent)
         for bind in self.settings.listeners + self.settings.tls_listeners:
-            host, port = _bind(bind)
-            local = "::1" if ":" in host else ("127.0.0.1" if host == "0.0.0.0" else host)
+            local, port = _loopback(bind)
             try:
                 wait_listening(port, timeout, local)
             except TimeoutError:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 from pathlib import Path
@@ -15,7 +16,7 @@ from homenet import DISTRIBUTION, logs, sdnotify
 from homenet.settings import BrokerSettings, ConfiguratorSettings, GatewaySettings, SettingsError, load
 
 from .app import db_path
-from .table import device_detail, device_table
+from .table import device_detail, device_json, device_table
 
 CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
                       help="TOML settings file.")
@@ -99,6 +100,10 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
     _preflight("homenet gateway run", settings)
 
+    from subprocess import SubprocessError
+
+    from amqtt.errors import BrokerError
+
     from homenet.broker.beacon import BeaconSender
     from homenet.broker.mosquitto import EngineMissing, MosquittoEngine, choose_engine
     from homenet.broker.server import EmbeddedBroker
@@ -111,7 +116,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     from .standby import Standby
 
     try:
-        engine = choose_engine(settings.broker.engine)
+        engine = choose_engine(settings.broker)
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
         held = hold_gateway(conf_settings.data_dir)
     except (ValueError, EngineMissing, GatewayRunning) as exc:
@@ -122,6 +127,9 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     if child is not None:
         conf_settings = child.configurator_settings(conf_settings)
 
+    # the accounts (the configurator's, the local operator's) exist before the broker takes a login
+    ident = identity(conf_settings, child.accounts if child else None)
+
     async def serve() -> None:
         broker = EmbeddedBroker(broker_settings, _topics(conf_settings)) if child is None else None
         try:
@@ -129,7 +137,8 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 await broker.start()
             elif child is not None:
                 child.start()
-        except Exception as exc:  # amqtt raises BrokerError, wrapping the OSError of a failed bind
+        except (BrokerError, RuntimeError, OSError, SubprocessError) as exc:  # a bind that failed after the
+            # preflight's (a race for the port: amqtt's BrokerError wraps the OSError), or Mosquitto's start
             raise click.ClickException(f"broker: {exc}") from None
         loop = asyncio.get_running_loop()
         sender: BeaconSender | None = None
@@ -169,8 +178,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                 extensions.stop()
                 extensions = None
 
-        standby = Standby(conf_settings, ident=identity(conf_settings, child.accounts) if child else None,
-                          on_primary=primary, on_retire=retired)
+        standby = Standby(conf_settings, ident=ident, on_primary=primary, on_retire=retired)
         stop = threading.Event()
         for sig in (signal.SIGINT, signal.SIGTERM):
             loop.add_signal_handler(sig, stop.set)
@@ -222,6 +230,7 @@ def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> No
     try:
         preflight.need_gateway_extra(command)
         preflight.check_binds(settings.broker.listeners + settings.broker.tls_listeners)
+        preflight.check_beacon(settings.beacon.interfaces, settings.beacon.ethertype)
         if data:
             preflight.check_writable(settings.configurator.data_dir)
     except preflight.PreflightError as exc:
@@ -364,24 +373,35 @@ def _store(config: Path | None, data_dir: Path | None) -> Any:
         if not path.exists():
             raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
         return SqliteStore(path, read_only=True)
-    except (StoreError, PermissionError) as exc:  # exists() itself fails in a directory one may not enter
-        raise click.ClickException(str(exc) if isinstance(exc, StoreError) else
-                                   f"cannot read {path}: permission denied (run it as the gateway's user or root)") from None
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except PermissionError:  # exists() itself fails in a directory one may not enter
+        raise _unreadable(path) from None
+
+
+def _unreadable(path: Path) -> click.ClickException:
+    return click.ClickException(f"cannot read {path}: permission denied (run it as the gateway's user or root)")
+
+
+JSON = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 
 
 @devices.command("list")
 @CONFIG
 @DATA_DIR
-def devices_list(config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_list(config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """One line per device: state, address, QoS, port mappings."""
-    click.echo(device_table(_store(config, data_dir).all()))
+    records = _store(config, data_dir).all()
+    click.echo(json.dumps([device_json(r) for r in records], indent=2) if as_json else device_table(records))
 
 
 @devices.command("show")
 @click.argument("device_id")
 @CONFIG
 @DATA_DIR
-def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_show(device_id: str, config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Everything known about one device."""
     from .cloudstate import cloud_detail
 
@@ -389,6 +409,9 @@ def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> 
     record = store.get(device_id)
     if record is None:
         raise click.ClickException(f"no device {device_id!r} in the database")
+    if as_json:
+        click.echo(json.dumps(device_json(record), indent=2))
+        return
     click.echo(device_detail(record))
     if cloud := cloud_detail(store.path.parent, device_id):
         click.echo(cloud)
@@ -517,8 +540,7 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
     try:
         login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
     except PermissionError:
-        raise click.ClickException(f"cannot read {secret}: permission denied (run it as the gateway's "
-                                   "user or root)") from None
+        raise _unreadable(secret) from None
     try:
         reply = send_command(url, command, conf.root, login, cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
@@ -631,7 +653,7 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
     from .conformance import Timing, Verdict, check_agent
 
     if find_spec("amqtt") is None:
-        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet[gateway]'")
+        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet-iec62608[gateway]'")
 
     if verbose:
         logs.setup("debug", "info")
@@ -654,3 +676,6 @@ def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verb
         if tail:
             click.echo("last lines of the agent's output:\n  " + "\n  ".join(tail), err=True)
         raise SystemExit(1)
+
+
+from . import cli_read  # noqa: E402,F401  (registers `users list` and `watch`)

@@ -8,7 +8,7 @@ start-up too); this index changes only by the devices that changed. Pure: no I/O
 from __future__ import annotations
 
 from collections import defaultdict
-from collections.abc import Hashable, Iterator, Mapping
+from collections.abc import Hashable, Iterable, Iterator, Mapping
 from ipaddress import IPv4Address
 from typing import Generic, TypeVar
 
@@ -70,6 +70,10 @@ class Holdings:
 
     def remove(self, device_id: str) -> None:
         self._change(device_id, set(), set())
+
+    def hold(self, device_id: str, addresses: Iterable[IPv4Address]) -> None:
+        """`device_id` holds only `addresses` now (a forgotten device's, in quarantine)."""
+        self._change(device_id, set(addresses), set())
 
     def _change(self, device_id: str, addresses: set[IPv4Address], ports: set[PortKey]) -> None:
         """Only what the device gave up or took changes: most updates (status, results) touch nothing."""

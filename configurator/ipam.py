@@ -90,3 +90,19 @@ def plan_address(lan: LanPlan, device_id: str, *, previous: IPv4Address | None,
     raise AddressExhausted(
         f"no free static address in {lan.subnet}: all {lan.static_capacity()} addresses outside "
         f"the DHCP pool {lan.pool_start}-{lan.pool_end} are in use")
+
+
+def quarantine(meta: Mapping[str, object], device_id: str, addresses: Iterable[IPv4Address],
+               until: float) -> dict[str, dict[str, object]]:
+    """The `quarantine` meta value with `device_id`'s addresses held until `until` (a Unix time):
+    a forgotten device may still be using them."""
+    entries = dict(meta.get("quarantine") or {})  # type: ignore[call-overload]
+    entries[device_id] = {"addresses": sorted(map(str, addresses)), "until": until}
+    return entries
+
+
+def quarantined(meta: Mapping[str, object], now: float) -> dict[str, list[IPv4Address]]:
+    """Forgotten devices whose addresses are still in quarantine at `now`, with those addresses."""
+    entries: dict[str, dict] = meta.get("quarantine") or {}  # type: ignore[assignment]
+    return {device_id: [IPv4Address(a) for a in entry["addresses"]]
+            for device_id, entry in entries.items() if entry["until"] > now}

@@ -1,5 +1,6 @@
 """What `homenet gateway run` checks before it creates anything: the gateway extra is
-installed, every listener can be bound, the data directory can be written.
+installed, every listener can be bound, the beacon's interfaces exist and raw sockets may be
+opened, the data directory can be written.
 
 Each problem is one line naming the listener or path and what would help; found before the
 data directory, its key and its secrets are made, so a mistake leaves nothing behind.
@@ -27,7 +28,7 @@ def need_gateway_extra(command: str) -> None:
     missing = [m for m in ("amqtt", "cryptography") if importlib.util.find_spec(m) is None]
     if missing:
         raise PreflightError(f"`{command}` needs the gateway extra ({', '.join(missing)} not installed): "
-                             f"pip install '{DISTRIBUTION}[gateway]'")
+                             f"pip install '{DISTRIBUTION}[gateway]' (in a checkout: '.[gateway]')")
 
 
 def check_binds(binds: list[str]) -> None:
@@ -57,6 +58,25 @@ def _bind_problem(exc: OSError, port: int) -> str:
     if exc.errno == errno.EADDRNOTAVAIL:
         return "that address is not on this host"
     return exc.strerror or str(exc)
+
+
+def check_beacon(interfaces: list[str], ethertype: int) -> None:
+    """Each beacon interface exists, and this process may open raw sockets to send on it."""
+    from homenet.l2 import NoRawSocket, check_raw_socket
+
+    for name in interfaces:
+        try:
+            socket.if_nametoindex(name)
+        except OSError:
+            raise PreflightError(f"beacon interface {name} not found (the LAN bridge, e.g. br0: see `ip link`; "
+                                 "--beacon-interface or beacon.interfaces)") from None
+    if interfaces:
+        try:
+            check_raw_socket(ethertype)
+        except NoRawSocket:
+            raise PreflightError(f"the beacon on {', '.join(interfaces)} needs CAP_NET_RAW: run as root, or under "
+                                 "systemd with AmbientCapabilities=CAP_NET_RAW (packaging/homenet-gateway.service), "
+                                 "or send none (beacon.interfaces = [])") from None
 
 
 def check_writable(data_dir: Path) -> None:

@@ -53,8 +53,10 @@ from homenet.settings import ConfiguratorSettings
 from .bus import Bus, Committed, DeviceChanged
 from .gateway import GatewayDriver
 from .gatewaystate import Published
-from .holdings import Holdings
+from .holdings import Holdings, held_by
+from .ipam import quarantine, quarantined
 from .ipam import LanPlan
+from .newcomers import Newcomers
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
@@ -116,7 +118,11 @@ class Configurator:
         self.epoch = store.claim_epoch()
         self._seq = SequenceCounter(int(store.meta().get("seq_reserved", 0)),
                                     lambda ceiling: store.set_meta_now(seq_reserved=ceiling))
-        self.holdings = Holdings(store.all())
+        self.holdings = self._holdings()
+        hosts = max(1, self.driver.lan().subnet.num_addresses - 2)
+        self.newcomers = Newcomers(settings.max_new_devices or hosts)
+        self._limited = [0, 0.0]
+        """Registers dropped by the budget since the last event, and when that was."""
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
@@ -295,7 +301,7 @@ class Configurator:
                 return False
             except (StoreError, AccountError, OSError) as exc:
                 self._outbox.actions = None  # what the batch would have sent is dropped
-                self.holdings = Holdings(self.store.all())  # the store is back as it was
+                self.holdings = self._holdings()  # the store is back as it was
                 self._report_failed_commit(exc, sum(isinstance(i, paho.MQTTMessage) for i in batch), delay)
                 if self._stopping:
                     return False
@@ -342,18 +348,12 @@ class Configurator:
             actions.append(lambda: action(*args, **kwargs))
 
     def _stand_down(self, reason: str) -> None:
-        """Another configurator has a higher epoch: send nothing more but that this one is
-        `offline` (else its retained `online` would stay where the new primary is not, e.g. on
-        a broker of its own), then leave without a will. On a broker they share, the new
-        primary puts its `online` back at once (`_on_configurator_state`)."""
+        """Another configurator has a higher epoch: send nothing more, leave without a will
+        (its `offline` would overwrite the new primary's `online`). Its own `online`, if it is
+        still the retained state, is replaced by the process standing by (standby.py)."""
         log.error("standing down: %s", reason)
         self.fenced.set()
         self.connected.clear()
-        try:
-            self.client.publish(self.topics.configurator_state, self._state_payload("offline"), qos=1,
-                                retain=True).wait_for_publish(timeout=2)
-        except (RuntimeError, ValueError, StoreError) as exc:  # not connected; or no seq left to sign with
-            log.warning("could not say offline while standing down: %s", exc)
         self.client.disconnect()
 
     def _on_configurator_state(self, payload: bytes) -> None:
@@ -577,7 +577,12 @@ class Configurator:
         """Remove the device and everything set for it; if it comes back it registers afresh."""
         record = self._known(command)
         self.store.delete(record.device_id)
-        self.holdings.remove(record.device_id)
+        self.newcomers.settled(record.device_id)
+        addresses = held_by(record)[0] if self.settings.forget_quarantine else set()
+        self.holdings.hold(record.device_id, addresses)  # its ports are free at once
+        if addresses:
+            self.store.set_meta(quarantine=quarantine(self.store.meta(), record.device_id, addresses,
+                                                      time.time() + self.settings.forget_quarantine))
         self._drop_account(record.device_id)
         self._later(self.driver.remove, record.device_id)
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
@@ -608,6 +613,7 @@ class Configurator:
         if old["model"] != _model_of(record.info):
             raise Rejected(f"{record.device_id} is a {_describe(_model_of(record.info))}, {command.predecessor} was a "
                            f"{_describe(old['model'])}: only a unit of the same model takes its place")
+        self._end_quarantine(command.predecessor)  # the owner says its unit is gone: its addresses go along
         previous = [_CONFIG_ITEM.validate_python(i) for i in old["items"]]
         record, planned = self._plan(record, again=True, previous=previous)
         self._put(record)
@@ -673,6 +679,9 @@ class Configurator:
         if record is not None and record.state == State.REJECTED:
             self._reply(record.device_id, envelope.id, RegisterStatus.REJECTED, "rejected by the owner")
             return
+        if record is None and not self.newcomers.admit(info.device_id, time.monotonic()):
+            self._registration_limited(info.device_id)
+            return
         is_new = record is None
         record = (record or DeviceRecord(device_id=info.device_id, info=info)).model_copy(update={
             "info": info, "last_seq": envelope.seq, "online": True, "updated": now(),
@@ -684,6 +693,17 @@ class Configurator:
             self._hold(record)
         else:
             self._accept(record, Event.ACCEPT)
+
+    def _registration_limited(self, device_id: str) -> None:
+        """Nothing stored, no reply: the device registers again (agents retry after 30 s).
+        One event per 5 s at most, counting every register dropped."""
+        self._limited[0] += 1
+        if time.monotonic() - self._limited[1] < 5:
+            return
+        count, self._limited = self._limited[0], [0, time.monotonic()]
+        self.event("registration.limited", Severity.WARNING, device_id=device_id,
+                   reason=f"{count} register(s) of new devices dropped: {len(self.newcomers)} new devices have "
+                          f"not confirmed their first config yet, the limit (max_new_devices)", dropped=count)
 
     def _hold(self, record: DeviceRecord) -> None:
         """Enrollment needs the owner: the device waits, told how to let it in."""
@@ -753,6 +773,7 @@ class Configurator:
             "state": advance(record.state, Event.RESULT_OK if ok else Event.RESULT_FAILED)})
         self._put(record)
         if ok:
+            self.newcomers.settled(record.device_id)
             self.event("config.applied", device_id=record.device_id, version=result.version)
         else:
             failed = {r.item: r.detail for r in result.items
@@ -872,9 +893,38 @@ class Configurator:
     def _reconcile_all(self) -> None:
         """Every device, once this batch commits. The records are those at this point of the batch,
         as is the gateway then: the batch's gateway changes run in order after the commit."""
+        self._end_quarantines()
+        # again, in case a wrong one is retained that this configurator never received (amqtt
+        # hands nothing to a connection that took a session over: docs/amqtt-notes.md)
+        self._publish_raw(self.topics.configurator_state, self._state_payload("online"), retain=True)
         records = self.store.all()
         self._later(self._drift.retain, [r.device_id for r in records])
         self._later(self._reconcile, records, gateway=True)
+
+    def _holdings(self) -> Holdings:
+        """Who holds what, from the records and the quarantined addresses of forgotten devices."""
+        holdings = Holdings(self.store.all())
+        for device_id, addresses in quarantined(self.store.meta(), time.time()).items():
+            if self.store.get(device_id) is None:
+                holdings.hold(device_id, addresses)
+        return holdings
+
+    def _end_quarantine(self, device_id: str) -> None:
+        entries = dict(self.store.meta().get("quarantine") or {})
+        if entries.pop(device_id, None) is not None:
+            self.store.set_meta(quarantine=entries)
+            self.holdings.remove(device_id)
+
+    def _end_quarantines(self) -> None:
+        """Addresses of forgotten devices whose quarantine has run out are free again."""
+        meta = self.store.meta()
+        kept = quarantined(meta, time.time())
+        for device_id in meta.get("quarantine", {}).keys() - kept.keys():
+            if self.store.get(device_id) is None:  # back since, its record holds what it uses
+                self.holdings.remove(device_id)
+            log.info("addresses of forgotten device %s are free again", device_id)
+        if kept.keys() != meta.get("quarantine", {}).keys():
+            self.store.set_meta(quarantine={d: e for d, e in meta["quarantine"].items() if d in kept})
 
     def _reconcile(self, records: list[DeviceRecord], gateway: bool) -> None:
         """Each device's own reports, and with `gateway` the driver's listing. The driver is given

@@ -36,8 +36,9 @@ from typing import Any
 import paho.mqtt.client as paho
 
 from homenet.mqtt import RECONNECT_MAX_DELAY, BrokerUrl, make_client, set_nodelay
-from homenet.schemas import ContractError, Topics, decode, signed_by
-from homenet.schemas.signing import fingerprint
+from homenet.schemas import ContractError, Topics, decode, encode, signed_by
+from homenet.schemas.messages import ConfiguratorState
+from homenet.schemas.signing import b64, fingerprint
 from homenet.settings import ConfiguratorSettings
 
 from .app import Identity, build, identity
@@ -57,6 +58,8 @@ class Watch:
     """What a waiting configurator heard, and whether it is time to take over (pure)."""
 
     patience: float
+    floor: int = 0
+    """States of this epoch and older are not believed: this process's own, fenced since."""
     since: float | None = None
     """When the watcher last (re)connected or heard a state; None before it first connected."""
     reconnected: bool = False
@@ -69,11 +72,11 @@ class Watch:
 
     def connected(self, now: float) -> None:
         """What was heard before may be stale: the broker may have restarted without it."""
-        self.reconnected = self.since is not None
+        self.reconnected = self.reconnected or self.since is not None
         self.since, self.state = now, None
 
     def heard(self, state: str | None, epoch: int, now: float) -> None:
-        if state is not None and epoch < self.epoch:
+        if state is not None and (epoch < self.epoch or epoch <= self.floor):
             return  # one fenced since, saying it stood down: the newer one speaks for itself
         self.since, self.state, self.epoch = now, state, epoch
         self.seen_online = self.seen_online or state == "online"
@@ -105,6 +108,8 @@ class Standby:
         self.patience = settings.standby_grace if standby else SETTLE
         self.primary: Configurator | None = None
         """The configurator this process runs while it is the primary."""
+        self.fenced_epoch = 0
+        """The epoch this process had when it was last fenced."""
 
     def run(self, stop: threading.Event, *, wait_first: bool = True) -> None:
         """Take turns until `stop` is set; without `wait_first`, be the primary at once (the
@@ -133,6 +138,7 @@ class Standby:
             pass
         self._retire(service)
         if service.fenced.is_set():
+            self.fenced_epoch = service.epoch
             log.warning("configurator epoch %d was fenced by a newer one: standing by", service.epoch)
             return False
         return True
@@ -146,7 +152,9 @@ class Standby:
 
     def _wait(self, stop: threading.Event) -> bool:
         """Block until this process should take over (True) or `stop` is set (False)."""
-        watch = Watch(self.patience)
+        # Fenced, it may have thrown the new primary off for a while (the same client id) and put
+        # that one into its reconnect backoff: it gives it that long, as after a reconnect.
+        watch = Watch(self.patience, self.fenced_epoch, reconnected=self.fenced_epoch > 0)
         lock = threading.Lock()
         login = self.ident.login
         client = make_client(f"homenet-{self.settings.configurator_id}-standby-{secrets.token_hex(4)}",
@@ -163,10 +171,13 @@ class Standby:
                 watch.connected(time.monotonic())
             c.subscribe(self.topic, qos=1)
 
-        def on_message(_c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
+        def on_message(c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
             heard = self._read(msg.payload)
             if heard is None:
                 return
+            if heard == ("online", self.fenced_epoch):  # its own, left by the configurator it stopped
+                log.warning("configurator epoch %d stood down: saying so on %s", self.fenced_epoch, self.broker)
+                c.publish(self.topic, self._offline(self.fenced_epoch), qos=1, retain=True)
             with lock:
                 if heard[0] == "online" and (watch.state, watch.epoch) != heard:
                     log.info("configurator epoch %d is online at %s: standing by", heard[1], self.broker)
@@ -186,6 +197,14 @@ class Standby:
         finally:
             client.disconnect()
             client.loop_stop()
+
+    def _offline(self, epoch: int) -> bytes:
+        """`offline` for `epoch`, signed with the shared key. Its `seq` is a millisecond clock:
+        the configurator's counter stopped with it, and agents never judge a retained state by it."""
+        body = ConfiguratorState(state="offline", configurator_id=self.settings.configurator_id, epoch=epoch,
+                                 public_key=b64(self.ident.key.public))
+        return encode("configurator.state", body, sender=self.settings.configurator_id,
+                      seq=time.time_ns() // 1_000_000, sign=self.ident.key.sign)[1]
 
     def _read(self, payload: bytes) -> tuple[str | None, int] | None:
         """(state, epoch) of a retained state; (None, 0) when it was cleared; None when it is

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from homenet.schemas.messages import IgmpItem, ItemResult, ItemStatus, PortMappingItem, QosItem
 
 from .records import DeviceRecord
@@ -37,6 +39,12 @@ def device_table(records: list[DeviceRecord]) -> str:
 
 def _item_lines(results: list[ItemResult]) -> list[str]:
     return [f"  {x.item:<24} {x.status.value}{' - ' + x.detail if x.detail else ''}" for x in results]
+
+
+def device_json(r: DeviceRecord) -> dict[str, Any]:
+    """The record for scripts: everything but the raw signed config payload (the config is there parsed)."""
+    return {**r.model_dump(mode="json", exclude={"config_payload"}), "address": r.address or None,
+            "version": r.version}
 
 
 def device_detail(r: DeviceRecord) -> str:

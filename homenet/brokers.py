@@ -73,11 +73,12 @@ class Mosquitto:
     """Not `admin`: that is homenet's own operator account (configurator/app.py)."""
 
     def __init__(self, port: int | None = None, max_payload: int = 256 * 1024, dynsec: bool = False,
-                 root: str | None = None, tls: bool = False) -> None:
+                 root: str | None = None, tls: bool = False, user: str | None = None) -> None:
         """`dynsec`: with the dynamic-security plugin, an admin login in `self.admin`, and the
         `acl_file` patterns for unknown devices under topic root `root` (the default one).
         `tls`: the listener speaks TLS only, with a certificate made as the gateway makes its
-        own (`cafile`, `fingerprint`)."""
+        own (`cafile`, `fingerprint`). `user` (as root): Mosquitto drops to that user, as
+        Debian's service does, its files handed to it as docs/security.md's recipe says."""
         self.port = port or free_port()
         self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
         self.max_payload = max_payload
@@ -95,6 +96,7 @@ class Mosquitto:
         self.root = root
         self.dynsec_file = self._dir / "dynsec.json"
         self.admin: tuple[str, str] | None = (self.DYNSEC_ADMIN, secrets.token_urlsafe(24)) if dynsec else None
+        self.user = user
 
     @staticmethod
     def binary() -> str | None:
@@ -134,10 +136,16 @@ class Mosquitto:
         if missing:
             raise FileNotFoundError(f"{missing} is not installed (Debian package 'mosquitto')")
         assert self.admin is not None
-        subprocess.run([str(self.ctrl()), "dynsec", "init", str(self.dynsec_file), *self.admin],
-                       check=True, capture_output=True, timeout=30)
+        if not self.dynsec_file.exists():  # kept across a restart
+            subprocess.run([str(self.ctrl()), "dynsec", "init", str(self.dynsec_file), *self.admin],
+                           check=True, capture_output=True, timeout=30)
         acl = self._dir / "acl"
         acl.write_text(unknown_acl_file(Topics(self.root) if self.root else Topics()))
+        if self.user:  # the recipe: the plugin's file (it saves every change) belongs to the broker
+            for path in (self._dir, self.dynsec_file):
+                shutil.chown(path, self.user, self.user)
+            return (f"user {self.user}\nplugin {self.dynsec_plugin()}\nplugin_opt_config_file {self.dynsec_file}\n"
+                    f"acl_file {acl}\n")
         # As root, mosquitto would switch to user `mosquitto`, which may not write the plugin's
         # file (it saves every change) in this root-owned temp dir.
         user = "user root\n" if os.geteuid() == 0 else ""
@@ -161,6 +169,11 @@ class Mosquitto:
             raise
 
     def stop(self) -> None:
+        self.halt()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stop the process, keeping its files (`start` again is a restart)."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -168,7 +181,6 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Embedded:

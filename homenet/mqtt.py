@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 import ssl
 import sys
 from dataclasses import dataclass
@@ -101,3 +103,19 @@ def _connect_failed(client: paho.Client, client_id: str, tls: bool) -> None:
     url = BrokerUrl(client.host, client.port, tls)
     log.warning("%s cannot reach the broker at %s: %s; retrying with backoff", client_id, url,
                 getattr(cause, "strerror", None) or cause or "connection failed")
+
+
+@contextmanager
+def session(client: paho.Client, broker: BrokerUrl) -> Iterator[paho.Client]:
+    """A short-lived client connected (its loop running) for the `with` block: a command, a watch.
+    An unreachable broker is a ConnectionError naming it."""
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the broker at {broker}: {exc}") from None
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()

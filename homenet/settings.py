@@ -204,6 +204,12 @@ class ConfiguratorSettings(Section):
     enrollment: Literal["auto", "approve", "pairing-code"] = "auto"
     """auto: trust on first use; approve: wait for `homenet devices approve`; pairing-code:
     wait for the code the device shows, entered with `homenet devices pair`."""
+    max_new_devices: int = Field(default=0, ge=0)
+    """New devices enrolled at once before they confirm their first config (a registration
+    flood's budget, configurator/newcomers.py); 0: as many as the LAN has addresses."""
+    forget_quarantine: float = Field(default=86400.0, ge=0)
+    """Seconds the addresses of a device removed with `homenet devices forget` are not planned
+    for another device: switched off rather than gone, it may still hold them."""
     standby_grace: float = Field(default=5.0, ge=0)
     """Seconds a `configurator run --standby`, or a configurator that another one fenced,
     gives a primary to announce itself before taking over when none is online
@@ -295,6 +301,8 @@ class AgentSettings(Section):
     The check holds up the MQTT loop, so it stays under the 30 s keepalive."""
     info_interval: float = Field(default=10.0, gt=0)
     """Seconds between checks of the device's addresses (an `info` goes out on change)."""
+    register_retry: float = Field(default=30.0, gt=0)
+    """Seconds without an answer before a register is sent again (checked every info_interval)."""
     upnp_lease: int = Field(default=3600, ge=2, le=604800)
     """Seconds a port mapping made on the router by UPnP is leased for (renewed at half): how
     long the router keeps the mapping of a device whose agent is gone."""

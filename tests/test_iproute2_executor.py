@@ -14,7 +14,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -33,7 +32,6 @@ from homenet.netutil import free_port
 from homenet.schemas.messages import Ipv4Item, ItemStatus, QosClass, QosItem, ResultStatus, Target
 from homenet.settings import AgentSettings, SettingsError, load
 
-from .conftest import IN_CI
 from .harness import Gateway, wait_until
 from .netns import Lab, Namespace
 
@@ -225,34 +223,19 @@ def test_under_ip_netns_exec_the_namespaces_own_resolv_conf_is_written(lan: Lan)
         shutil.rmtree(own.parent)
 
 
-def test_dns_that_cannot_be_written_costs_neither_the_address_nor_the_route(lan: Lan) -> None:
+def test_dns_that_cannot_be_written_costs_neither_the_address_nor_the_route(lan: Lan, as_nobody: list[str],
+                                                                            root_only_dir: Path) -> None:
     """As under the shipped unit: a non-root user with ambient CAP_NET_ADMIN, /etc not writable."""
-    setpriv = require_setpriv()
-    etc = Path(tempfile.mkdtemp(prefix="homenet-etc-"))
-    try:
-        etc.chmod(0o755)  # readable, not writable, by the unprivileged user
-        resolv = etc / "resolv.conf"
-        resolv.write_text("nameserver 192.168.50.1\n")
-        unit_like = (setpriv, "--reuid=65534", "--regid=65534", "--clear-groups",
-                     "--inh-caps=+net_admin", "--ambient-caps=+net_admin")
-        results, in_force = lan.execute("apply", ITEM, resolv=resolv, prefix=unit_like)
-        assert results == [{"item": "ipv4", "status": "applied", "detail": (
-            f"address and route set; DNS not set (file): writing {resolv}: Permission denied")}]
-        assert lan.dev.ipv4("eth0") == ["192.168.50.20/24"]
-        assert [(r["gateway"], r["dev"]) for r in lan.dev.routes("default")] == [("192.168.50.1", "eth0")]
-        assert resolv.read_text() == "nameserver 192.168.50.1\n"
-        assert in_force["ipv4"]["dns"] == ["192.168.50.1"]
-    finally:
-        shutil.rmtree(etc)
-
-
-def require_setpriv() -> str:
-    setpriv = shutil.which("setpriv")
-    if setpriv is None:
-        if IN_CI:
-            pytest.fail("setpriv is not installed (Debian package util-linux)")
-        pytest.skip("needs setpriv (util-linux)")
-    return setpriv
+    resolv = root_only_dir / "resolv.conf"
+    resolv.write_text("nameserver 192.168.50.1\n")
+    unit_like = (*as_nobody, "--inh-caps=+net_admin", "--ambient-caps=+net_admin")
+    results, in_force = lan.execute("apply", ITEM, resolv=resolv, prefix=unit_like)
+    assert results == [{"item": "ipv4", "status": "applied", "detail": (
+        f"address and route set; DNS not set (file): writing {resolv}: Permission denied")}]
+    assert lan.dev.ipv4("eth0") == ["192.168.50.20/24"]
+    assert [(r["gateway"], r["dev"]) for r in lan.dev.routes("default")] == [("192.168.50.1", "eth0")]
+    assert resolv.read_text() == "nameserver 192.168.50.1\n"
+    assert in_force["ipv4"]["dns"] == ["192.168.50.1"]
 
 
 # --- safe apply --------------------------------------------------------------------------------

@@ -24,7 +24,8 @@ from .test_cli import HOMENET, Processes, processes, run  # noqa: F401 - process
 
 
 def configurator_state(mosquitto_sub: str, port: int, data: Path) -> dict:
-    secret = (data / ADMIN_SECRET).read_text().strip()
+    secret = wait_until(lambda: (data / ADMIN_SECRET).exists() and (data / ADMIN_SECRET).read_text().strip(),
+                        10, "the operator's secret")
     out = run(mosquitto_sub, "-h", "127.0.0.1", "-p", str(port), "-u", ADMIN, "-P", secret,
               "-t", Topics().configurator_state, "-C", "1", "-W", "5", timeout=10)
     return json.loads(out.stdout)["body"]
@@ -60,7 +61,7 @@ def test_a_gateway_whose_configurator_was_fenced_says_so_stands_by_and_recovers(
                             and s["state"] == "offline" and s, 10, "the fenced configurator saying offline")
     assert stood_down["state"] == "offline"
     back = wait_until(lambda: (s := configurator_state(mosquitto_sub, port, data))["state"] == "online"
-                      and s["epoch"] == 3 and s, 20, "the gateway's configurator taking over again")
+                      and s["epoch"] == 3 and s, 45, "the gateway's configurator taking over again")
     assert back["epoch"] == 3
     code, out = processes.stop(gateway)
     assert code == 0

@@ -342,8 +342,8 @@ def test_pairing_code_policy(pairing: Gateway) -> None:
     pairing.watcher.wait_event("pairing.failed")
     assert pairing.record("mp-1").state == State.PENDING
 
-    code = pairing_code(agent.device.key.public)  # what the device shows its owner
-    out = homenet_cli(pairing, "devices", "pair", code)
+    code = pairing_code(agent.device.key.public)  # what the device shows its owner, e.g. 229-670
+    out = homenet_cli(pairing, "devices", "pair", code.replace("-", ""))  # typed without the dash
     assert out.returncode == 0 and out.stdout.strip() == "paired mp-1", out.stderr
     pairing.wait_configured("mp-1")
 

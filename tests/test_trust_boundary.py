@@ -12,6 +12,8 @@ dynamic security; `secure_amqtt` is for what only our broker does.
 from __future__ import annotations
 
 import importlib.metadata
+import os
+import resource
 import subprocess
 import sys
 import time
@@ -22,30 +24,23 @@ from typing import Any
 
 import pytest
 
+from homenet.accounts import Accounts
 from homenet.agent.service import Agent
-from homenet.brokers import Embedded, wait_listening
+from homenet.brokers import Embedded, Mosquitto, wait_listening
+from homenet.configurator.operator import send_command
+from homenet.keys import KeyPair
 from homenet.mqtt import make_client
 from homenet.netutil import free_port
 from homenet.schemas import encode
-from homenet.schemas.messages import Command, Rpc
+from homenet.schemas.messages import Command, DeviceInfo, Interface, Rpc
+from homenet.schemas.signing import b64
 
 from . import rawmqtt
+from .conftest import require_program
 from .harness import Gateway, retained, wait_until
 from .processes import Process
-from .test_security import enrolled, secured
-
-BROKERS = ["amqtt", "mosquitto"]
-
-
-@pytest.fixture(params=BROKERS)
-def secure(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[Gateway]:
-    yield from secured(request.param, tmp_path)
-
-
-@pytest.fixture
-def secure_amqtt(tmp_path: Path) -> Iterator[Gateway]:
-    yield from secured("amqtt", tmp_path)
-
+from .test_embedded_broker import Client
+from .test_security import enrolled, secure, secure_amqtt  # noqa: F401 (fixtures)
 
 class Home:
     """Two enrolled agents, the retained messages as they stand, and the checks after an attack."""
@@ -192,27 +187,21 @@ def test_a_re_login_while_the_old_connection_is_held_open_is_not_deaf(tmp_path: 
         publisher.loop_start()
         publisher.publish(config, b"config v1", qos=1, retain=True).wait_for_publish(5)
 
-        got: list[bytes] = []
-        again = make_client("dev-x", clean_session=False)
-        again.on_connect = lambda c, *_: c.subscribe(config, qos=1)
-        again.on_message = lambda _c, _u, msg: got.append(bytes(msg.payload))
-        again.connect("127.0.0.1", broker.port)
-        again.loop_start()
-        wait_until(lambda: b"config v1" in got, timeout=10, what="the retained config on the new connection")
+        again = Client(broker.port, "dev-x", config)  # a persistent session, as agents have
+        wait_until(lambda: (config, b"config v1") in again.received, timeout=10,
+                   what="the retained config on the new connection")
         publisher.publish(config, b"config v2", qos=1, retain=True).wait_for_publish(5)
-        wait_until(lambda: b"config v2" in got, timeout=10, what="a live config on the new connection")
-        assert again.is_connected()
-        watcher_got: list[bytes] = []
-        watcher = make_client("status-watcher", clean_session=True)
-        watcher.on_connect = lambda c, *_: c.subscribe(status, qos=1)
-        watcher.on_message = lambda _c, _u, msg: watcher_got.append(bytes(msg.payload))
-        watcher.connect("127.0.0.1", broker.port)
-        watcher.loop_start()
+        wait_until(lambda: (config, b"config v2") in again.received, timeout=10,
+                   what="a live config on the new connection")
+        assert again.client.is_connected()
+        watcher = Client(broker.port, "status-watcher", status)
+        wait_until(watcher.subscribed.is_set, what="the watcher subscribed")
         time.sleep(0.5)
-        assert b"WILL-OF-THE-OLD" not in watcher_got, "the superseded connection's will was published"
-        for client in (again, publisher, watcher):
-            client.disconnect()
-            client.loop_stop()
+        assert not any(p == b"WILL-OF-THE-OLD" for _, p in watcher.received), "the superseded connection's will"
+        again.close()
+        watcher.close()
+        publisher.disconnect()
+        publisher.loop_stop()
     finally:
         old.close()
         broker.stop()
@@ -289,7 +278,19 @@ sys.stdin.readline()
 """
 
 
-def test_a_flood_of_half_open_connections_is_shed_and_the_gateway_recovers(tmp_path: Path) -> None:
+@pytest.fixture
+def gateway_fd_limit() -> Iterator[None]:
+    """Room for 2,000 connections in the broker this test starts, as the gateway unit's
+    LimitNOFILE gives it (a shell's soft limit of 1,024 would make the broker's total cap bite)."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    raised = max(hard, 16384) if os.geteuid() == 0 else hard  # root may raise the hard limit
+    resource.setrlimit(resource.RLIMIT_NOFILE, (min(16384, raised), raised))
+    yield
+    resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_flood_of_half_open_connections_is_shed_and_the_gateway_recovers(tmp_path: Path,
+                                                                           gateway_fd_limit: None) -> None:
     """Attack 5: 2,000 connections that never send CONNECT, half closed at once (left in
     CLOSE_WAIT by the broker before), half held open, and one address over its cap. The
     broker runs as `homenet broker run` and the flood as another process, as on a gateway.
@@ -417,3 +418,76 @@ def test_a_connection_closed_before_connect_is_closed_by_the_broker_too(secure_a
         rawmqtt.open_connection(secure_amqtt.broker.port).close()
     wait_until(lambda: broker_sockets(secure_amqtt.broker.port).get("CLOSE_WAIT", 0) == 0, timeout=3,
                what="no CLOSE_WAIT left")
+
+
+def test_the_mosquitto_recipe_keeps_every_account_across_a_mosquitto_restart(tmp_path: Path) -> None:
+    """docs/security.md: Mosquitto as Debian runs it (dropping to user `mosquitto`), its
+    dynsec.json handed to that user. Without the `chown` every account the configurator made,
+    its own included, was lost at the next restart and the configurator looped on "Not
+    authorized"."""
+    if os.geteuid() != 0:
+        pytest.skip("Mosquitto drops to its own user only when started as root (CI runs as root)")
+    missing = Mosquitto.dynsec_missing()
+    if missing:
+        require_program(missing)
+    broker = Mosquitto(dynsec=True, user="mosquitto")
+    broker.start()
+    gateway = Gateway(broker, tmp_path, dynsec_admin=broker.admin)
+    try:
+        gateway.start()
+        agent, _ = enrolled(gateway, "nas", "r-a1")
+        broker.halt()
+        broker.start()
+        saved = broker.dynsec_file.read_text()
+        assert '"r-a1"' in saved and '"configurator"' in saved
+        wait_until(lambda: agent.client.is_connected() and agent.state.state.username == "r-a1",
+                   timeout=20, what="r-a1 logged in again with its account")
+        wait_until(gateway.configurator.connected.is_set, timeout=20, what="the configurator logged in again")
+        enrolled(gateway, "camera", "r-a2")
+    finally:
+        gateway.close()
+        broker.stop()
+
+
+def fake_register(port: int, device_id: str) -> None:
+    """A register as a fake device sends it: its own key, correctly signed, never confirmed."""
+    key = KeyPair.generate()
+    info = DeviceInfo(device_id=device_id, device_type="nas", interfaces=[Interface(name="eth0", mac="02:00:00:00:00:42")],
+                      public_key=b64(key.public), needs_credentials=True)
+    _, payload = encode("register", info, sender=device_id, seq=1, sign=key.sign)
+    client = make_client(device_id, clean_session=True)
+    client.connect("127.0.0.1", port)
+    client.loop_start()
+    client.publish(f"homenet/v1/device/{device_id}/register", payload, qos=1).wait_for_publish(5)
+    client.disconnect()
+    client.loop_stop()
+
+
+def test_a_registration_flood_gets_no_more_than_the_budget_of_new_devices(tmp_path: Path) -> None:
+    """Point 7: 30 fake devices register (signed, each with its own key) and never confirm.
+    Only `max_new_devices` of them get a record and an account; the rest are dropped with a
+    `registration.limited` event. A real device that comes meanwhile is dropped too, and gets
+    in by itself (it registers again) once a place is free: here the owner forgets a fake."""
+    accounts = tmp_path / "gateway" / "broker-accounts.json"
+    broker = Embedded(accounts_file=accounts)
+    broker.start()
+    gateway = Gateway(broker, tmp_path, accounts_file=accounts, max_new_devices=6)
+    try:
+        gateway.start()
+        with ThreadPoolExecutor(8) as pool:
+            list(pool.map(lambda n: fake_register(broker.port, f"fake-{n:02d}"), range(30)))
+        event = gateway.watcher.wait_event("registration.limited", reason="register(s) of new devices dropped")
+        assert "max_new_devices" in event["reason"]
+        real = gateway.agent("nas", "r-real", info_interval=0.5, register_retry=1.0)
+        wait_until(lambda: real._register_sent and time.monotonic() - real._register_sent > 0.5,
+                   what="the real device's register sent")
+        assert gateway.record("r-real") is None
+        enrolled_fakes = sorted(r.device_id for r in gateway.configurator.store.all())
+        assert len(enrolled_fakes) == 6 and all(d.startswith("fake-") for d in enrolled_fakes)
+        fake_accounts = [a.name for a in Accounts(accounts).all() if a.name.startswith("fake-")]
+        assert len(fake_accounts) == 6
+        send_command(broker.url, Command(op="forget", device_id=enrolled_fakes[0]), "homenet/v1", gateway.admin)
+        gateway.wait_configured("r-real", timeout=20)
+    finally:
+        gateway.close()
+        broker.stop()

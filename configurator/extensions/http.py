@@ -58,7 +58,8 @@ def open_sockets(settings: HttpSettings, lan_interface: str) -> list[socket.sock
     sockets: list[socket.socket] = []
     try:
         for entry in settings.listen:
-            sock = _lan_socket(lan_interface, settings.port) if entry == "lan" else _address_socket(entry, settings.port)
+            port = settings.port
+            sock = _lan_socket(lan_interface, port) if entry == "lan" else _address_socket(entry, port)
             if sock is not None:
                 sockets.append(sock)
     except HttpError:

@@ -108,6 +108,9 @@ class Metrics(Extension):
             if notice.event == "device.registered" and notice.device_id:
                 with self._lock:
                     self._registered[notice.device_id] = time.monotonic()
+            elif notice.event == "device.forgotten" and notice.device_id:
+                with self._lock:
+                    self._registered.pop(notice.device_id, None)
             elif notice.event == "message.rejected":
                 self.rejected.labels(reason_class(notice.reason)).inc()
             elif notice.event == "gateway.failed":
