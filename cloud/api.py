@@ -72,6 +72,12 @@ def _error(status: int, reason: str) -> JSONResponse:
     return JSONResponse({"error": reason}, status_code=status)
 
 
+def _unavailable(path: str, exc: Exception) -> JSONResponse:
+    """The database failed under a request: nothing was committed; the caller may try again."""
+    log.error("%s: database error: %s", path, str(exc).splitlines()[0])
+    return _error(503, f"database unavailable ({type(exc).__name__}); nothing stored, try again")
+
+
 async def _read(request: Request, limit: int) -> bytes:
     declared = request.headers.get("content-length")
     if declared and declared.isdigit() and int(declared) > limit:
@@ -152,6 +158,8 @@ class Api:
             except Refused as exc:
                 log.info("refused %s: %s", route.path, exc)
                 return _error(exc.status, str(exc))
+            except sa.exc.SQLAlchemyError as exc:
+                return _unavailable(route.path, exc)
             _, signed = encode("cloud.reply", CloudReply(re=envelope.id, result=result), sender=SENDER,
                                seq=time.time_ns() // 1000, sign=self.key.sign, bodies=CLOUD_BODIES)
             # the key a home pins on its first hello (trust on first use, as agents pin the configurator's)
@@ -209,6 +217,8 @@ class Api:
                 result = await run_in_threadpool(self._operate, route, dict(request.path_params), body)
             except Refused as exc:
                 return _error(exc.status, str(exc))
+            except sa.exc.SQLAlchemyError as exc:
+                return _unavailable(route.path, exc)
             return JSONResponse(result)
         return endpoint
 

@@ -58,6 +58,8 @@ OWN_EVENTS = frozenset({"cloud.failure", "cloud.failure.resolved", "cloud.explai
 AV_TYPES = frozenset({"iptv-stb", "media-player", "camera"})
 EXPLAINS = {"iptv": ("igmp",), "internet": ("quality", "port_mapping")}
 """Which failures of the home an operator's outage of each service accounts for."""
+HELLO_TIMEOUT = 10.0
+"""Longest a hello may take, whatever the request behind it (a long-poll waits much longer)."""
 SETTLE = 2.0
 """Seconds between a config applied and its quality check: the device's service starts after its network."""
 RESTORE_SEQ_GAP = 10_000_000
@@ -131,8 +133,9 @@ class CloudLink:
         self._jobs.put(None)
         self.c.bus.unsubscribe(self._on_notice)
         for t in self._threads:
-            t.join(timeout=2)  # the long-poll thread may be inside a request: it is a daemon
-        self.state.close()
+            t.join(timeout=2)  # a thread may be inside a request: it is a daemon
+        if not any(t.is_alive() for t in self._threads):  # else it may still write: closed at exit
+            self.state.close()
 
     # --- calls ---------------------------------------------------------------------------------
 
@@ -140,11 +143,16 @@ class CloudLink:
         """One signed request, after this home's hello (once per process, and again when the
         cloud has forgotten the home)."""
         deadline = time.monotonic() + timeout
-        with self._hello_lock:
-            if not self._hello:
-                self.client.hello(self.settings.region, timeout)
-                self.state.set_meta(cloud_key=b64(self.client.cloud_key or b""))
-                self._hello = True
+        if not self._hello:  # another thread's hello may be under way: wait for it within our time only
+            if not self._hello_lock.acquire(timeout=timeout):
+                raise CloudError(f"{path}: no answer to this home's hello within {timeout:g} s")
+            try:
+                if not self._hello:
+                    self.client.hello(self.settings.region, min(timeout, HELLO_TIMEOUT))
+                    self.state.set_meta(cloud_key=b64(self.client.cloud_key or b""))
+                    self._hello = True
+            finally:
+                self._hello_lock.release()
         try:
             return self.client.call(path, kind, body, max(0.1, deadline - time.monotonic()))
         except CloudError as exc:

@@ -221,3 +221,28 @@ def test_what_an_outage_explains_is_neither_reported_nor_diagnosed(home: Gateway
     link(home)._failed("stb", "config.failed", "igmp: no multicast")
     wait_until(lambda: cloud.get("/v1/operator/failure-reports"), 10, "the failure reported upstream")
     assert [d["device_id"] for d in cloud.get("/v1/operator/homes/home-1/diagnoses")] == ["stb"]
+
+
+def test_a_cloud_that_never_answers_delays_an_onboarding_by_the_bound_only(embedded: Embedded, tmp_path: Path) -> None:
+    import socket
+
+    silent = socket.create_server(("127.0.0.1", 0), backlog=64)  # connects, then says nothing
+    try:
+        bound = 1.0
+        gw = Gateway(embedded, tmp_path, cloud=CloudSettings(url=f"http://127.0.0.1:{silent.getsockname()[1]}",
+                                                             home_id="home-1", lookup_timeout=bound))
+        gw.start()
+        try:
+            started = time.monotonic()
+            gw.agent("nas", "nas-1", maker="Acme")
+            record = gw.wait_configured("nas-1", timeout=20)
+            took = time.monotonic() - started
+            assert record.profile == "nas" and bound <= took < bound + 3, took
+            started = time.monotonic()
+            gw.agent("nas", "nas-2", maker="Acme")  # the cloud is known to be down: no wait at all
+            gw.wait_configured("nas-2", timeout=20)
+            assert time.monotonic() - started < bound, "a second registration waited for the cloud again"
+        finally:
+            gw.close()
+    finally:
+        silent.close()

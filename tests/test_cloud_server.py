@@ -31,13 +31,17 @@ NAS = {"maker": "Acme", "model": "NAS 4000", "name": "acme-nas", "qos": "bulk",
        "ports": [{"protocol": "tcp", "port": 443, "description": "web"}, {"protocol": "tcp", "port": 22}]}
 
 
-@pytest.fixture(scope="module")
-def postgres() -> Iterator[Postgres]:
+def require_postgres() -> None:
     if postgres_bin() is None:
         message = "PostgreSQL is not installed (Debian package postgresql)"
         if IN_CI:
             pytest.fail(message + ": CI must install it (.ci/run)")
         pytest.skip(message)
+
+
+@pytest.fixture(scope="module")
+def postgres() -> Iterator[Postgres]:
+    require_postgres()
     pg = Postgres()
     pg.start()
     yield pg
@@ -237,3 +241,19 @@ def test_the_operator_cli_manages_profiles_and_says_what_was_refused(tmp_path: P
         assert server.get("/v1/operator/profiles") == []
     finally:
         server.kill()
+
+
+def test_a_database_gone_under_the_server_is_a_503_that_stores_nothing(tmp_path: Path) -> None:
+    require_postgres()
+    pg = Postgres()
+    pg.start()
+    server = CloudServer(tmp_path, pg.url)
+    try:
+        server.start()
+        home = Home(server.url)
+        pg.stop()
+        with pytest.raises(CloudError, match="503 database unavailable"):
+            home.call("/v1/service/profile", "cloud.profile.get", ProfileQuery(maker="Acme", model="x"))
+    finally:
+        server.kill()
+        pg.stop()
