@@ -59,7 +59,7 @@ if TYPE_CHECKING:  # the beacon listener loads psutil: only agents that discover
 
 log = logging.getLogger(__name__)
 
-STOP_WAIT = 0.8
+STOP_WAIT = 0.5
 """Seconds a stop gives the broker connection (the goodbye, the network thread) in all."""
 _OK = (ItemStatus.APPLIED, ItemStatus.UNCHANGED)
 
