@@ -143,7 +143,7 @@ class Agent:
             old, self.client = self.client, self._new_client()
         old.on_disconnect = None  # left on purpose: not a loss of the broker to report
         old.disconnect()
-        _bounded(old.loop_stop, STOP_WAIT)
+        old.loop_stop()  # all of it: an apply under way there must end before the new client may start one
         self._connect()
 
     def _connect(self) -> None:
