@@ -82,11 +82,11 @@ def _executor_choice(settings: AgentSettings) -> str:
 
 
 def _real_executor(choice: str, settings: AgentSettings) -> Executor:
-    from . import iproute2, networkmanager
+    from . import dns, iproute2, networkmanager
 
     if choice == "networkmanager":
         return networkmanager.NetworkManagerExecutor()
-    return iproute2.Iproute2Executor(settings.resolv_conf)
+    return iproute2.Iproute2Executor(dns.detect(settings.resolv_conf))
 
 
 def build(settings: AgentSettings, broker: BrokerUrl | None = None, device: Device | None = None,

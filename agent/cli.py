@@ -9,7 +9,7 @@ from typing import TYPE_CHECKING
 
 import click
 
-from homenet import logs
+from homenet import DISTRIBUTION, logs, sdnotify
 from homenet.settings import AgentSettings, SettingsError, load
 
 from .app import Device, build, open_device
@@ -17,10 +17,11 @@ from .instance import DuplicateAgent, claim
 
 if TYPE_CHECKING:  # imported when discovery runs: an agent given --broker never loads psutil for it
     from .bootstrap import BeaconListener, Discovery
+    from .service import Agent
 
 
 @click.group()
-@click.version_option(package_name="homenet")
+@click.version_option(package_name=DISTRIBUTION)
 def main() -> None:
     """homenet configured agent (IEC 62608): registers this device and applies its configuration."""
 
@@ -48,14 +49,18 @@ def _settings(config: Path | None, **flags: object) -> AgentSettings:
               help="How settings are applied: iproute2 (netlink), simulated (recorded only), or auto "
               "(default: iproute2 on Linux with CAP_NET_ADMIN and the linux collector, else simulated).")
 @click.option("--root", help="Topic root (default homenet/v1).")
-@click.option("--verbose", "-v", is_flag=True)
-def run(config: Path | None, verbose: bool, **flags: object) -> None:
-    """Run the agent until SIGINT/SIGTERM."""
-    logs.setup(verbose)
+@logs.options
+def run(config: Path | None, **flags: object) -> None:
+    """Run the agent until SIGINT/SIGTERM. Under systemd (Type=notify) READY=1 is sent once
+    it listens for the beacon or works with the broker it was given, and the watchdog is
+    pinged while its MQTT loop runs."""
     settings = _settings(config, **flags)
     done = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: done.set())
+    running: list[Agent] = []
+    watchdog = sdnotify.Watchdog(lambda: running[0].problem() if running else None)
+    watchdog.start()  # before discovery, which may wait long for the gateway
     try:
         device = open_device(settings)
     except ValueError as exc:  # e.g. a provisioned key file that holds no key
@@ -78,7 +83,11 @@ def run(config: Path | None, verbose: bool, **flags: object) -> None:
     if listener:
         listener.watch(agent.follow)
     agent.start()
+    running.append(agent)
+    sdnotify.notify("READY=1", f"STATUS=agent {agent.device_id} working with {agent.broker}")
     done.wait()
+    sdnotify.notify("STOPPING=1")
+    watchdog.stop()
     agent.stop()
     if listener:
         listener.close()
@@ -99,6 +108,7 @@ def _discover(device: Device, stop: threading.Event) -> tuple[BeaconListener, Di
         raise click.ClickException(str(exc)) from None
     except (OSError, ValueError) as exc:
         raise click.ClickException(f"discovery: {exc}") from None
+    sdnotify.notify("READY=1", "STATUS=waiting for the gateway's beacon")  # a gateway may come much later
     found = listener.discover(stop=stop)
     if found is None:
         return listener, None
@@ -115,3 +125,6 @@ def info(config: Path | None, **flags: object) -> None:
     """Print the device info this agent would register, as JSON (writes nothing: before the
     first `run` there is no key yet, and `public_key` is null)."""
     click.echo(open_device(_settings(config, **flags), read_only=True).info().model_dump_json(indent=2))
+
+
+from . import status as _status  # noqa: E402,F401  (registers `status`)

@@ -32,7 +32,7 @@ class Device:
         """The device info the agent registers, and re-sends when it changes."""
         return DeviceInfo(
             device_id=self.device_id, device_type=self.settings.device_type, model=self.settings.model,
-            hostname=self.collector.hostname(), agent_version=__version__,
+            maker=self.settings.maker, hostname=self.collector.hostname(), agent_version=__version__,
             capabilities=[f"executor:{self.executor.name}"], interfaces=self.collector.interfaces(),
             applied_version=self.state.state.applied_version, public_key=b64(self.key.public) if self.key else None,
             needs_credentials=self.state.state.username is None)

@@ -7,10 +7,11 @@ manager would fight it.
 
 Only IPv4 is touched: the IPv6 link-local address the MQTT session may be running over (the
 broker found through the Layer-2 beacon) must survive any IPv4 change. An item is all or
-nothing: when a step fails, the settings seen before the item are put back. `checkpoint` and
-`rollback` cover everything `apply` changes: the IPv4 addresses of every interface, the main
-table's IPv4 default routes and the resolv.conf file (including a symlink, e.g. to
-systemd-resolved's stub file, which writing DNS servers replaces by a plain file).
+nothing as to the address and default route: when a step fails, the settings seen before the
+item are put back. DNS servers are then set the host's way (agent/dns.py: systemd-resolved,
+resolvconf or a file); DNS that cannot be set costs neither the address nor the route, the
+item's detail says why. `checkpoint` and `rollback` cover everything `apply` changes: the IPv4
+addresses of every interface, the main table's IPv4 default routes and the DNS servers.
 
 pyroute2 is imported by the methods that talk netlink, not with this module: it costs about
 14 MB of resident memory, and every agent with executor `auto` asks `usable()` (which reads
@@ -24,14 +25,14 @@ import ipaddress
 import os
 import socket
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from homenet.durable import write_atomic
 from homenet.schemas.messages import ConfigItem, Ipv4Item, ItemResult, ItemStatus, item_key
 
+from .dns import Dns, DnsError, detect
 from .executor import ExecutorError
 
 if TYPE_CHECKING:
@@ -41,7 +42,6 @@ MAIN_TABLE = 254
 RTN_UNICAST = 1
 IFF_UP = 0x1
 CAP_NET_ADMIN = 12
-DEFAULT_RESOLV_CONF = Path("/etc/resolv.conf")
 
 
 def usable() -> bool:
@@ -89,21 +89,13 @@ class DefaultRoute:
 
 
 @dataclass(frozen=True)
-class FileState:
-    """A file as it was: `content` None when absent; `link` set when it was a symlink."""
-
-    content: bytes | None
-    mode: int = 0o644
-    link: str | None = None
-
-
-@dataclass(frozen=True)
 class Iproute2Checkpoint:
     addresses: dict[int, tuple[Address, ...]]
     """IPv4 addresses per interface index, in the kernel's order (primary first); every
     interface present, so one that had none gets its new addresses removed again."""
     default_routes: frozenset[DefaultRoute]
-    resolv_conf: FileState
+    dns: object
+    """The DNS way's own snapshot (agent/dns.py)."""
 
 
 def _addresses(ipr: IPRoute, index: int | None = None) -> dict[int, tuple[Address, ...]]:
@@ -118,47 +110,6 @@ def _default_routes(ipr: IPRoute) -> frozenset[DefaultRoute]:
     return frozenset(DefaultRoute(r.get("gateway"), r.get("oif"), r.get("priority") or 0, r["proto"])
                      for r in ipr.get_routes(family=socket.AF_INET, table=MAIN_TABLE)
                      if r["dst_len"] == 0 and r["type"] == RTN_UNICAST)
-
-
-def _read_file(path: Path) -> FileState:
-    link = os.readlink(path) if path.is_symlink() else None
-    try:
-        return FileState(path.read_bytes(), path.stat().st_mode & 0o7777, link)
-    except FileNotFoundError:  # absent, or a dangling symlink
-        return FileState(None, link=link)
-
-
-def _restore_file(path: Path, state: FileState) -> None:
-    if _read_file(path) == state:
-        return
-    if state.link is not None:
-        tmp = path.with_name(f".{path.name}.homenet-link")
-        tmp.unlink(missing_ok=True)
-        os.symlink(state.link, tmp)
-        os.replace(tmp, path)
-    elif state.content is None:
-        path.unlink(missing_ok=True)
-    else:
-        write_atomic(path, state.content, state.mode)
-
-
-def _nameserver_lines(content: bytes | None) -> tuple[list[str], list[str]]:
-    """(other lines, nameserver addresses) of a resolv.conf."""
-    others, servers = [], []
-    for line in (content or b"").decode(errors="surrogateescape").splitlines():
-        words = line.split()
-        if words[:1] == ["nameserver"]:
-            servers += words[1:2]
-        else:
-            others.append(line)
-    return others, servers
-
-
-def _with_nameservers(content: bytes | None, dns: Sequence[object]) -> bytes:
-    """resolv.conf with `dns` as its nameservers; search, options and comments are kept."""
-    others, _ = _nameserver_lines(content)
-    lines = others + [f"nameserver {server}" for server in dns]
-    return "".join(f"{line}\n" for line in lines).encode(errors="surrogateescape")
 
 
 def _why(exc: Exception) -> str:
@@ -181,8 +132,8 @@ class Iproute2Executor:
 
     name = "iproute2"
 
-    def __init__(self, resolv_conf: Path = DEFAULT_RESOLV_CONF) -> None:
-        self.resolv_conf = Path(resolv_conf)
+    def __init__(self, dns: Dns | None = None) -> None:
+        self.dns = dns if dns is not None else detect()
         self._configured: dict[str, tuple[int, str]] = {}
         """Item key -> (interface index, name) it was applied to: what `in_force` reports."""
 
@@ -198,53 +149,56 @@ class Iproute2Executor:
                 status, detail = self._apply_ipv4(ipr, item)
         except _ItemFailed as exc:
             status, detail = ItemStatus.FAILED, str(exc)
-        except (NetlinkError, OSError) as exc:  # netlink itself unusable, or resolv.conf unreadable
+        except (NetlinkError, OSError, DnsError) as exc:  # netlink itself unusable, or DNS unreadable
             status, detail = ItemStatus.FAILED, f"reading the network settings: {_why(exc)}"
         return ItemResult(item=key, status=status, detail=detail)
 
     def _apply_ipv4(self, ipr: IPRoute, item: Ipv4Item) -> tuple[ItemStatus, str]:
+        """Address and default route all or nothing; then DNS, whose failure costs neither:
+        the device is reachable without it, and the detail says what is missing."""
         from pyroute2 import NetlinkError
 
         index, name = self._find_interface(ipr, item)
         cidr, gateway = f"{item.address}/{item.prefix_len}", str(item.gateway)
-        resolv = _read_file(self.resolv_conf).content
-        new_resolv = _with_nameservers(resolv, item.dns) if item.dns else None  # None: left alone
-        if new_resolv == resolv:
-            new_resolv = None
-        if self._ipv4_state(ipr, index) == ({cidr}, {(gateway, 0)}) and new_resolv is None:
-            self._configured[item_key(item)] = (index, name)
-            return ItemStatus.UNCHANGED, ""
-        before = self._checkpoint(ipr)
-        doing = ""
-        try:
-            for address in reversed(_addresses(ipr, index).get(index, ())):  # secondaries first:
-                if str(address) != cidr:  # removing a primary would take its secondaries along
-                    doing = f"removing {address} from {name}"
-                    ipr.addr("del", index=index, **address.netlink())
-            # re-read: the item's address may have been a secondary of a primary removed above
-            if cidr not in {str(a) for a in _addresses(ipr, index).get(index, ())}:
-                doing = f"adding {cidr} to {name}"
-                broadcast = ipaddress.IPv4Network(cidr, strict=False).broadcast_address
-                new = Address(str(item.address), item.prefix_len, str(broadcast) if item.prefix_len < 31 else None)
-                ipr.addr("add", index=index, **new.netlink())
-            doing = f"setting the default route via {gateway} on {name}"
-            ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, table=MAIN_TABLE)
-            for route in _default_routes(ipr):
-                if route.oif == index and (route.gateway, route.metric) != (gateway, 0):
-                    doing = f"removing the default route via {route.gateway} (metric {route.metric}) from {name}"
-                    ipr.route("del", **route.netlink())
-            if new_resolv is not None:
-                doing = f"writing {self.resolv_conf}"
-                write_atomic(self.resolv_conf, new_resolv, 0o644)
-        except (NetlinkError, OSError) as exc:
-            detail = f"{doing}: {_why(exc)}"
+        dns = [str(server) for server in item.dns]
+        changed = self._ipv4_state(ipr, index) != ({cidr}, {(gateway, 0)})
+        if changed:
+            before = self._checkpoint(ipr)
+            doing = ""
             try:
-                self._restore(ipr, before)
-            except ExecutorError as undo:
-                return ItemStatus.FAILED, f"{detail}; restoring the previous settings failed: {undo}"
-            return ItemStatus.FAILED, f"{detail}; previous settings restored"
+                for address in reversed(_addresses(ipr, index).get(index, ())):  # secondaries first:
+                    if str(address) != cidr:  # removing a primary would take its secondaries along
+                        doing = f"removing {address} from {name}"
+                        ipr.addr("del", index=index, **address.netlink())
+                # re-read: the item's address may have been a secondary of a primary removed above
+                if cidr not in {str(a) for a in _addresses(ipr, index).get(index, ())}:
+                    doing = f"adding {cidr} to {name}"
+                    broadcast = ipaddress.IPv4Network(cidr, strict=False).broadcast_address
+                    new = Address(str(item.address), item.prefix_len, str(broadcast) if item.prefix_len < 31 else None)
+                    ipr.addr("add", index=index, **new.netlink())
+                doing = f"setting the default route via {gateway} on {name}"
+                ipr.route("replace", dst="0.0.0.0/0", gateway=gateway, oif=index, table=MAIN_TABLE)
+                for route in _default_routes(ipr):
+                    if route.oif == index and (route.gateway, route.metric) != (gateway, 0):
+                        doing = f"removing the default route via {route.gateway} (metric {route.metric}) from {name}"
+                        ipr.route("del", **route.netlink())
+            except (NetlinkError, OSError) as exc:
+                detail = f"{doing}: {_why(exc)}"
+                try:
+                    self._restore(ipr, before)
+                except ExecutorError as undo:
+                    return ItemStatus.FAILED, f"{detail}; restoring the previous settings failed: {undo}"
+                return ItemStatus.FAILED, f"{detail}; previous settings restored"
         self._configured[item_key(item)] = (index, name)
-        return ItemStatus.APPLIED, ""
+        problem = ""
+        if dns:  # no servers in the item: those in force are left alone
+            try:
+                if self.dns.servers(name) != dns:
+                    self.dns.set(name, dns)
+                    changed = True
+            except DnsError as exc:
+                problem = f"address and route set; DNS not set ({self.dns.name}): {exc}"
+        return (ItemStatus.APPLIED if changed else ItemStatus.UNCHANGED), problem
 
     @staticmethod
     def _find_interface(ipr: IPRoute, item: Ipv4Item) -> tuple[int, str]:
@@ -284,7 +238,11 @@ class Iproute2Executor:
 
     def _checkpoint(self, ipr: IPRoute) -> Iproute2Checkpoint:
         addresses = {link["index"]: () for link in ipr.get_links()} | _addresses(ipr)
-        return Iproute2Checkpoint(addresses, _default_routes(ipr), _read_file(self.resolv_conf))
+        try:
+            dns = self.dns.snapshot()
+        except DnsError as exc:
+            raise ExecutorError(f"cannot read the DNS settings: {exc}") from exc
+        return Iproute2Checkpoint(addresses, _default_routes(ipr), dns)
 
     def rollback(self, checkpoint: Iproute2Checkpoint) -> None:
         from pyroute2 import IPRoute, NetlinkError
@@ -304,7 +262,7 @@ class Iproute2Executor:
         def attempt(what: str, action: Callable[..., object], *args: Any, **kwargs: Any) -> None:
             try:
                 action(*args, **kwargs)
-            except (NetlinkError, OSError) as exc:
+            except (NetlinkError, OSError, DnsError) as exc:
                 problems.append(f"{what}: {_why(exc)}")
 
         present = {link["index"] for link in ipr.get_links()}  # an interface gone has nothing to restore
@@ -322,7 +280,7 @@ class Iproute2Executor:
             attempt(f"removing the default route via {route.gateway}", ipr.route, "del", **route.netlink())
         for route in checkpoint.default_routes - _default_routes(ipr):
             attempt(f"restoring the default route via {route.gateway}", ipr.route, "replace", **route.netlink())
-        attempt(f"restoring {self.resolv_conf}", _restore_file, self.resolv_conf, checkpoint.resolv_conf)
+        attempt("restoring DNS", self.dns.restore, checkpoint.dns)
         if problems:
             raise ExecutorError("; ".join(problems))
 
@@ -338,7 +296,6 @@ class Iproute2Executor:
             with IPRoute() as ipr:
                 links = {link["index"]: link for link in ipr.get_links()}
                 addresses, routes = _addresses(ipr), _default_routes(ipr)
-            _, dns = _nameserver_lines(_read_file(self.resolv_conf).content)
         except (NetlinkError, OSError) as exc:
             return {"error": f"cannot read the network settings: {_why(exc)}"}
         report: dict[str, Any] = {}
@@ -349,5 +306,11 @@ class Iproute2Executor:
             gateways = sorted((r.metric, r.gateway) for r in routes if r.oif == index and r.gateway)
             report[key] = {"interface": links[index].get("ifname"), "mac": links[index].get("address"),
                            "addresses": [str(a) for a in addresses.get(index, ())],
-                           "gateway": gateways[0][1] if gateways else None, "dns": dns}
+                           "gateway": gateways[0][1] if gateways else None, "dns": self._dns_of(name)}
         return report
+
+    def _dns_of(self, ifname: str) -> list[str] | str:
+        try:
+            return self.dns.servers(ifname)
+        except DnsError as exc:
+            return f"unknown: {exc}"

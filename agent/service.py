@@ -36,6 +36,7 @@ from __future__ import annotations
 import json
 import logging
 import threading
+import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -44,11 +45,13 @@ import paho.mqtt.client as paho
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import ContractError, Envelope, Topics, decode, encode, signed_by
+from homenet.schemas.results import overall
 from homenet.schemas.signing import fingerprint, pairing_code, unb64
-from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, ItemStatus, Model,
+from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, DeviceInfo, Model,
                                       ItemResult, RegisterStatus, ResultStatus, RpcReply, Target)
 from homenet.sequence import SequenceCounter
 
+from . import presence
 from .device import Device
 from .waiting import Waiting
 from .safeapply import (Endpoint, apply_safely, ipv4_endpoints, load_checkpoint, note_resumed,
@@ -61,7 +64,6 @@ log = logging.getLogger(__name__)
 
 STOP_WAIT = 0.5
 """Seconds a stop gives the broker connection (the goodbye, the network thread) in all."""
-_OK = (ItemStatus.APPLIED, ItemStatus.UNCHANGED)
 
 
 def _bounded(step: Callable[[], object], timeout: float) -> None:
@@ -70,16 +72,6 @@ def _bounded(step: Callable[[], object], timeout: float) -> None:
     thread = threading.Thread(target=step, daemon=True)
     thread.start()
     thread.join(timeout)
-
-
-def overall(statuses: list[ItemStatus]) -> ResultStatus:
-    """Any item rolled back -> rolled_back; all fine -> ok; none fine -> failed; some -> partial."""
-    if ItemStatus.ROLLED_BACK in statuses:
-        return ResultStatus.ROLLED_BACK
-    fine = sum(s in _OK for s in statuses)
-    if fine == len(statuses):
-        return ResultStatus.OK
-    return ResultStatus.FAILED if fine == 0 else ResultStatus.PARTIAL
 
 
 class Agent:
@@ -110,6 +102,8 @@ class Agent:
         self.waiting = Waiting(log)
         self._registered_epoch: int | None = None
         self._register_id = ""
+        self._register_sent = 0.0
+        """When the last register went out, unanswered (0 once answered): see _retry_register."""
         self._last_info: DeviceInfo | None = None
         self._stop = threading.Event()
         self.registered = threading.Event()
@@ -178,9 +172,14 @@ class Agent:
 
     def start(self) -> None:
         """Resume an interrupted apply, then connect; in the background, so that a stop is
-        prompt in every state."""
+        prompt in every state. An agent stopped may be started again."""
+        with self._life:
+            self._stop.clear()
+
         def begin() -> None:
             self._resume_apply()  # first: settings half applied may be what keeps the broker away
+            self._seq.reserve()  # the disk sync before connecting, not between CONNACK and register
+            presence.record(self.settings.data_dir, str(self.broker), False)
             self._connect()
         threading.Thread(target=begin, name="agent-start", daemon=True).start()
         threading.Thread(target=self._watch_info, name="info-watch", daemon=True).start()
@@ -199,6 +198,12 @@ class Agent:
                                 retain=True).wait_for_publish(timeout=STOP_WAIT / 2)
         self.client.disconnect()
         _bounded(self.client.loop_stop, STOP_WAIT / 2)
+
+    def problem(self) -> str | None:
+        """What keeps this agent from working, for a watchdog: None while its MQTT loop runs
+        (connected or reconnecting). paho shows its loop thread only as `_thread`."""
+        thread = getattr(self.client, "_thread", None)
+        return None if thread is not None and thread.is_alive() else "the MQTT network loop is not running"
 
     def _publish(self, channel: str, kind: str, body: Model, *, retain: bool = False) -> tuple[str, bytes]:
         msg_id, payload = encode(kind, body, sender=self.device_id, seq=self._seq.next(), sign=self.device.key.sign)
@@ -248,13 +253,17 @@ class Agent:
         if self.state.state.last_result:  # the broker may have lost retained messages
             self._publish("config/result", "config.result",
                           ConfigResult.model_validate(self.state.state.last_result), retain=True)
+        presence.record(self.settings.data_dir, str(self.broker), True)
         log.info("agent %s connected to %s", self.device_id, self.broker)
         self.waiting.on(f"a configurator to come online (retained {self.topics.configurator_state} on {self.broker})")
 
     def _on_disconnect(self, _c: paho.Client, _u: Any, _f: Any, reason: Any, _p: Any) -> None:
         self.registered.clear()
+        presence.record(self.settings.data_dir, str(self.broker), False)
         if not self._stop.is_set():
-            log.warning("disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
+            # a normal disconnection is the agent's own (e.g. to log in with a new account)
+            log.log(logging.WARNING if reason.is_failure else logging.INFO,
+                    "disconnected from %s (%s); reconnecting with backoff", self.broker, reason)
             self.waiting.on(f"the broker at {self.broker} to accept the connection again")
 
     def _on_message(self, _c: paho.Client, _u: Any, msg: paho.MQTTMessage) -> None:
@@ -284,25 +293,41 @@ class Agent:
             if self._registered_epoch == state.epoch:
                 return
             self._registered_epoch = state.epoch
-        info = self.device_info()
-        self._register_id, _ = self._publish("register", "register", info)
-        self._last_info = info
+        self._register()
         self.waiting.on(f"configurator {state.configurator_id} to answer the registration")
         log.info("found configurator %s (epoch %d); registering as %s (%s)",
                  state.configurator_id, state.epoch, self.device_id, self.settings.device_type)
 
+    def _register(self) -> None:
+        info = self.device_info()
+        self._register_id, _ = self._publish("register", "register", info)
+        self._register_sent = time.monotonic()
+        self._last_info = info
+
+    def _retry_register(self) -> None:
+        """A register may be dropped on its way (a configurator over its budget of new devices,
+        a broker's full queue): unanswered after `register_retry` seconds, it is sent again."""
+        retry = self.settings.register_retry
+        if (self._register_sent and time.monotonic() - self._register_sent > retry
+                and self.client.is_connected() and not self.registered.is_set()):
+            log.info("no answer to the register after %g s; registering again", retry)
+            self._register()
+
     def _on_register_reply(self, msg: paho.MQTTMessage) -> None:
         envelope, reply = self._trusted(msg.payload, "register.reply")
-        self._fresh(envelope)
+        # Its seq need not be on disk before this returns: a reply sent again after a restart
+        # answers a registration this process never made (`re` below), so it is refused anyway.
+        self._fresh(envelope, durable=False)
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
+        self._register_sent = 0.0
         if reply.status == RegisterStatus.ACCEPTED:
             log.info("registered; configuration version %d%s", reply.config_version,
                      f" ({reply.reason})" if reply.reason else "")
             if reply.credentials:
-                self.state.update(username=reply.credentials["username"], password=reply.credentials["password"])
-                log.info("received broker account %s; logging in with it", reply.credentials["username"])
+                self.state.update(username=reply.credentials.username, password=reply.credentials.password)
+                log.info("received broker account %s; logging in with it", reply.credentials.username)
                 threading.Thread(target=self._reconnect, daemon=True).start()
                 return
             self.registered.set()
@@ -401,15 +426,16 @@ class Agent:
                       "in_force": self.executor.in_force()}
         self._publish("rpc/reply", "rpc.reply", RpcReply(re=envelope.id, ok=True, result=result))
 
-    def _fresh(self, envelope: Envelope) -> None:
-        """A live message must be newer than every one accepted before (persisted): a captured
-        reply or rpc published again is refused. Retained messages (config, configurator/state)
-        come back with their old seq by design; their version and epoch protect them."""
+    def _fresh(self, envelope: Envelope, durable: bool = True) -> None:
+        """A live message must be newer than every one accepted before (persisted: at once, or
+        with the next write when not `durable`): a captured reply or rpc published again is
+        refused. Retained messages (config, configurator/state) come back with their old seq
+        by design; their version and epoch protect them."""
         last = self.state.state.configurator_seq
         if envelope.seq <= last:
             raise ContractError(f"replayed or out of order: {envelope.kind} seq {envelope.seq} "
                                 f"is not above {last}, the last accepted from the configurator")
-        self.state.update(configurator_seq=envelope.seq)
+        (self.state.update if durable else self.state.note)(configurator_seq=envelope.seq)
 
     # --- info ------------------------------------------------------------------------------
 
@@ -427,6 +453,7 @@ class Agent:
     def _watch_info(self) -> None:
         while not self._stop.wait(self.settings.info_interval):
             try:
+                self._retry_register()
                 self._send_info_if_changed()
             except Exception:
                 log.exception("collecting device info failed")

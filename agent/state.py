@@ -40,7 +40,12 @@ class AgentState(BaseModel):
 
 
 class StateFile:
-    """Load once, then every `update` is one atomic write."""
+    """Load once, then every `update` is one atomic write (two fsyncs: the file, its folder).
+
+    `note` is for a change whose loss in a power cut is harmless: it is in `state` at once and
+    reaches the disk with the next `update`, which then costs no write of its own. The
+    onboarding's writes are ~1-2 ms each and most of what a new device waits for beyond the
+    floor (docs/performance.md, "Single onboarding")."""
 
     def __init__(self, data_dir: Path) -> None:
         self.path = Path(data_dir) / "state.json"
@@ -53,3 +58,8 @@ class StateFile:
             write_json_atomic(self.path, state.model_dump(mode="json"))
             self.state = state
             return state
+
+    def note(self, **changes: object) -> AgentState:
+        with self._lock:
+            self.state = self.state.model_copy(update=changes)
+            return self.state

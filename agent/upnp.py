@@ -5,7 +5,7 @@ it, so when the gateway is not the configurator's own, the policy hands a device
 mappings to its agent (IEC 62608 foresees the delegation). This executor wraps the device's IP
 executor: `port_mapping` items go to the Internet Gateway Device found by SSDP, all others to
 the wrapped executor. It speaks UPnP through async-upnp-client (Home Assistant's maintained
-library), installed with `homenet[upnp]`; without it port mappings are `unsupported`.
+library), installed with `homenet-iec62608[upnp]`; without it port mappings are `unsupported`.
 
 Mappings are leased (`lease` seconds), never permanent, so the router drops the ones of a
 device that is gone; a thread renews the current ones at half their lease. The current ones
@@ -126,7 +126,7 @@ class UpnpExecutor:
         key = item_key(item)
         if importlib.util.find_spec("async_upnp_client") is None:
             return ItemResult(item=key, status=ItemStatus.UNSUPPORTED,
-                              detail="UPnP needs async-upnp-client: pip install 'homenet[upnp]'")
+                              detail="UPnP needs async-upnp-client: pip install 'homenet-iec62608[upnp]'")
         import asyncio
 
         try:

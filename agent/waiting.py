@@ -32,8 +32,9 @@ class Waiting:
                 return
             self._what, self._since = what, time.monotonic()
             self._said = self._since
-            if self._thread is None:
-                self._thread = threading.Thread(target=self._repeat, name="waiting", daemon=True)
+            if self._thread is None:  # again after a close: the agent may be started again
+                self._stop = threading.Event()
+                self._thread = threading.Thread(target=self._repeat, args=(self._stop,), name="waiting", daemon=True)
                 self._thread.start()
         self.log.info("waiting for %s", what)
 
@@ -43,11 +44,12 @@ class Waiting:
             self._what = None
 
     def close(self) -> None:
-        self.done()
-        self._stop.set()
+        with self._lock:
+            self._what, self._thread = None, None
+            self._stop.set()
 
-    def _repeat(self) -> None:
-        while not self._stop.wait(min(1.0, self.every / 4)):
+    def _repeat(self, stop: threading.Event) -> None:
+        while not stop.wait(min(1.0, self.every / 4)):
             with self._lock:
                 now = time.monotonic()
                 if self._what is None or now - self._said < self.every:

@@ -24,6 +24,10 @@ After a warm-up (the first --devices devices configured) a seeded RNG picks an a
   broker        SIGTERM or SIGKILL, started again on the same port 0.5-5 s later (both brokers
                 lose their retained messages: amqtt keeps none, Mosquitto runs without persistence)
   configurator  SIGKILL, started again 0.5-5 s later
+  attack        (amqtt) issue 11's attacks from the LAN with mosquitto_pub: CONNECTs under a running
+                device's id and the configurator's, wills on gateway/state and configurator/command,
+                200 connections that never send CONNECT (half closed at once, half held 1-15 s);
+                no attacker's will may ever be retained (docs/security.md)
 Then the settle phase: every flapped agent restarted, every stalled one continued, no more
 faults; the invariants are checked every few seconds until they all hold (the convergence time)
 or --settle runs out. Then everything is stopped with SIGTERM and the logs are read. Exit status
@@ -43,6 +47,7 @@ import random
 import re
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import tempfile
@@ -62,7 +67,7 @@ from homenet.configurator.app import ADMIN, ADMIN_SECRET, db_path
 from homenet.configurator.lifecycle import State
 from homenet.configurator.profiles import PROFILES
 from homenet.configurator.records import DeviceRecord
-from homenet.configurator.storm import Observer, console_script, terminated
+from homenet.bench.storm import Observer, console_script, terminated
 from homenet.configurator.store import SqliteStore
 from homenet.durable import read_json
 from homenet.mqtt import make_client
@@ -72,7 +77,7 @@ from homenet.schemas import Topics
 TOPICS = Topics()
 REPO = Path(__file__).resolve().parent.parent
 DEVICE_TYPES = sorted(PROFILES)
-WEIGHTS = {"join": 3.0, "leave": 1.5, "flap": 3.0, "stall": 1.0, "broker": 0.6, "configurator": 1.0}
+WEIGHTS = {"join": 3.0, "leave": 1.5, "flap": 3.0, "stall": 1.0, "broker": 0.6, "configurator": 1.0, "attack": 0.8}
 """How often each action is picked (among those possible at that moment)."""
 ROUTINE_EVENTS = {"device.registered", "config.sent", "config.applied", "device.info", "device.online",
                   "device.offline", "device.forgotten"}
@@ -80,7 +85,9 @@ ROUTINE_EVENTS = {"device.registered", "config.sent", "config.applied", "device.
 FORGOTTEN_CHANNELS = ("config", "config/result", "info")
 RECONNECTED = 10.0
 """Seconds after the broker's or the configurator's start before an operator command is sent."""
-RECOVERIES = ("flap.back", "stall.cont", "broker.up", "configurator.up")
+RECOVERIES = ("flap.back", "stall.cont", "broker.up", "configurator.up", "attack.end")
+ATTACK_MARK = b"SOAK-PWNED"
+"""What the attack fault's wills carry: it must never be published (check_retained)."""
 
 
 class Line:
@@ -444,7 +451,9 @@ class Soak:
         return {"join": live < self.args.devices * 3 // 2,
                 "leave": gateway_up and bool(self.leavable()) and len(self.running()) > max(1, self.args.devices // 2),
                 "flap": bool(self.running()), "stall": bool(self.running()),
-                "broker": self.broker.alive(), "configurator": self.configurator.alive()}[kind]
+                "broker": self.broker.alive(), "configurator": self.configurator.alive(),
+                # amqtt only: this Mosquitto lets anyone in under any id (docs/security.md)
+                "attack": self.args.broker == "amqtt" and gateway_up and bool(self.running())}[kind]
 
     def act(self) -> None:
         kinds = [k for k in WEIGHTS if self.possible(k)]
@@ -456,6 +465,8 @@ class Soak:
             self.restart_broker()
         elif kind == "configurator":
             self.restart_configurator()
+        elif kind == "attack":
+            self.attack(self.rng.choice(sorted(self.running(), key=lambda d: d.device_id)))
         else:
             pool = self.leavable() if kind == "leave" else self.running()
             device = self.rng.choice(sorted(pool, key=lambda d: d.device_id))
@@ -534,6 +545,37 @@ class Soak:
             self.configurator.start()
             return "started"
         self.later(delay, "configurator.up", "configurator", up)
+
+    def attack(self, victim: Device) -> None:
+        """Issue 11's attacks from the LAN (docs/security.md): CONNECTs naming the victim and
+        the configurator, wills on the gateway state and on operator commands, and 200
+        connections that never send CONNECT (half closed at once, half held for a while)."""
+        will = ["-c", "--will-payload", ATTACK_MARK.decode(), "--will-retain"]
+        tries = [["-i", victim.device_id], ["-i", "homenet-configurator"],
+                 ["-i", victim.device_id, *will, "--will-topic", TOPICS.gateway_state],
+                 ["-i", f"stranger-{self.rng.randrange(10**6)}", *will, "--will-topic", TOPICS.command]]
+        for args in tries:
+            subprocess.run(["mosquitto_pub", "-h", "127.0.0.1", "-p", str(self.broker.port), "-t", "x", "-m", "x",
+                            "-q", "1", *args], capture_output=True, timeout=30)
+        held = []
+        for n in range(200):
+            try:
+                sock = socket.create_connection(("127.0.0.1", self.broker.port), timeout=5,
+                                                source_address=(f"127.0.3.{n % 20 + 1}", 0))
+            except OSError:
+                continue
+            if n % 2:
+                sock.close()
+            else:
+                held.append(sock)
+        delay = self.rng.uniform(1, 15)
+        self.record("attack", victim.device_id, f"{len(tries)} CONNECTs, {len(held)} held open for {delay:.1f} s")
+
+        def end() -> str:
+            for sock in held:
+                sock.close()
+            return f"{len(held)} connections closed"
+        self.later(delay, "attack.end", victim.device_id, end)
 
     def faults(self) -> None:
         """The random schedule, for --duration seconds."""
@@ -621,6 +663,8 @@ class Soak:
         if retained is None:
             wrong.append("the broker did not answer a subscription")
             return
+        if any(ATTACK_MARK in payload for payload in retained.values()):
+            wrong.append("an attacker's will was retained")
         if body_of(retained.get(TOPICS.configurator_state)).get("state") != "online":
             wrong.append("configurator/state is not `online`")
         for device_id in sorted(expected):

@@ -113,7 +113,8 @@ class IndexedRouting(Broker):
             for target, sub_qos in list(self._subscriptions.get(topic_filter, ())):
                 qos = broadcast.get("qos", sub_qos)
                 if not await self._topic_filtering(target, topic=topic, action=Action.RECEIVE):
-                    log.info("%s not allowed to receive messages from TOPIC %s.", target.client_id, topic)
+                    # debug: a reader on `#` is denied every register/reply by design, not news
+                    log.debug("%s not allowed to receive messages from TOPIC %s.", target.client_id, topic)
                     continue
                 connected = target.transitions.state == "connected"
                 # kept for a persistent session that is away [MQTT-3.1.2.4], as amqtt does

@@ -2,8 +2,10 @@
 
 amqtt has no payload size limit of its own: `HomenetBroker` drops an oversized PUBLISH before it
 is routed or retained, and says so on the `events` topic so a user watching with mosquitto_sub
-sees why a message vanished. It also fixes amqtt's leak of retained messages across clients,
-and two races on amqtt's table of subscriptions (docs/amqtt-notes.md).
+sees why a message vanished (a packet larger than the limit and a topic's worth is not even
+read: broker/connect.py). It also fixes amqtt's leak of retained messages across clients, and
+two races on amqtt's table of subscriptions (docs/amqtt-notes.md). How a connection is
+admitted (authenticated before any session is touched, under caps) is broker/connect.py.
 """
 
 from __future__ import annotations
@@ -17,11 +19,14 @@ from typing import Any
 
 import psutil
 
+from homenet.acl import Role
 from homenet.schemas import Topics, encode
 from homenet.schemas.messages import Event, Severity
 from homenet.settings import BrokerSettings
 
-from .routing import IndexedRouting
+from . import delivery
+from .connect import AuthFirstConnect
+from .limits import ConnectionLimits, fd_budget
 
 log = logging.getLogger(__name__)
 
@@ -48,25 +53,27 @@ def broker_config(settings: BrokerSettings, root: str) -> dict[str, Any]:
     }
 
 
-class _ProbeNoise(logging.Filter):
-    """amqtt logs an ERROR and a WARNING for every TCP connection that closes before CONNECT.
-    Readiness probes and the agent's reachability check after an address change do exactly
-    that; the lines are kept at DEBUG so real errors stand out."""
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        text = record.getMessage()
-        if "No data" in text and ("No data from" in text or "Failed to initialize client session" in text):
-            record.levelno, record.levelname = logging.DEBUG, "DEBUG"
-            return logging.getLogger("amqtt.broker").isEnabledFor(logging.DEBUG)
-        return True
+LOOPBACK = frozenset({"127.0.0.1", "::1"})
+UNKNOWN_RETAIN_MAX = 512
+"""Largest retained message an unknown device may leave (its status is about 20 bytes)."""
+TOPIC_HEADROOM = 64 * 1024 + 4
+"""A PUBLISH may carry a topic of up to 64 KiB besides its payload."""
 
 
-logging.getLogger("amqtt.broker").addFilter(_ProbeNoise())
+delivery.install()
 
 
-class HomenetBroker(IndexedRouting):
+def limits_for(settings: BrokerSettings) -> ConnectionLimits:
+    budget = fd_budget()
+    total = min(settings.max_connections, budget) if settings.max_connections else budget
+    return ConnectionLimits(per_source=settings.max_connections_per_source, total=total, exempt=LOOPBACK)
+
+
+class HomenetBroker(AuthFirstConnect):
     def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
-        super().__init__(broker_config(settings, topics.root))
+        super().__init__(broker_config(settings, topics.root), limits=limits_for(settings),
+                         connect_timeout=settings.connect_timeout,
+                         max_packet=settings.max_payload + TOPIC_HEADROOM)
         self.max_payload = settings.max_payload
         self.topics = topics
         self._writers: set[asyncio.StreamWriter] = set()
@@ -115,6 +122,19 @@ class HomenetBroker(IndexedRouting):
             return True
         return await super()._handle_message_delivery(client_session, handler, wait_deliver)
 
+    async def retain_message(self, source_session: Any, topic_name: str, data: Any, qos: int | None = None) -> None:
+        """An unknown device may retain only small messages (its status): 200 retained 250 KiB
+        messages of strangers were held until the broker restarted."""
+        auth = self.auth
+        if (source_session is not None and data and len(data) > UNKNOWN_RETAIN_MAX and auth is not None
+                and auth.role_of(source_session.client_id) == Role.UNKNOWN):
+            self.reports.note("auth.denied", source_session.client_id,
+                              f"retained message of {len(data)} bytes on {topic_name} not kept: an unknown "
+                              f"device may retain at most {UNKNOWN_RETAIN_MAX} bytes",
+                              sender=source_session.client_id, topic=topic_name)
+            return
+        await super().retain_message(source_session, topic_name, data, qos)
+
     async def _topic_filtering(self, session: Any, topic: str, action: Any) -> bool:
         """Ask our ACL directly, without yielding to the event loop.
 
@@ -123,7 +143,7 @@ class HomenetBroker(IndexedRouting):
         and the broadcast dies with "dictionary changed size during iteration" (the message
         is lost). A check that never suspends cannot interleave.
         """
-        plugin = self.plugins_manager.get_plugin("HomenetAuthPlugin")
+        plugin = self.auth
         return plugin is None or plugin.allowed(session, topic, action)
 
     async def _publish_retained_messages_for_subscription(self, subscription: tuple[str, int],

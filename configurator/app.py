@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fcntl
 import os
+import secrets
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import IO
 
 from homenet.accounts import Accounts, AccountStore, ensure_account
+from homenet.durable import write_atomic
 from homenet.acl import Role
 from homenet.keys import KeyPair
 from homenet.schemas import Topics
@@ -73,6 +75,25 @@ class Identity:
     key: KeyPair
     accounts: AccountStore | None
     login: tuple[str, str] | None
+    client_id: str | None = None
+    """Its MQTT client id when it is not the plain `homenet-<id>` (see `client_id`)."""
+
+
+CLIENT_ID_SECRET = "client-id.secret"
+
+
+def client_id(settings: ConfiguratorSettings) -> str | None:
+    """On Mosquitto, any anonymous client may connect under any client id, and MQTT hands it
+    the session of that id: `mosquitto_pub -i homenet-configurator` pushed the configurator
+    off (docs/security.md). There the configurator's id carries a secret suffix, kept in the
+    data directory so its persistent session survives restarts. The embedded broker reserves
+    `homenet-*` for the configurator's account instead (broker/auth.py)."""
+    if settings.dynsec_admin is None:
+        return None
+    secret = settings.data_dir / CLIENT_ID_SECRET
+    if not secret.exists():
+        write_atomic(secret, secrets.token_hex(12).encode() + b"\n", mode=0o600)
+    return f"homenet-{settings.configurator_id}-{secret.read_text().strip()}"
 
 
 @contextmanager
@@ -106,19 +127,22 @@ def hold_gateway(data_dir: Path) -> IO[str]:
     return lock
 
 
-def identity(settings: ConfiguratorSettings) -> Identity:
+def identity(settings: ConfiguratorSettings, accounts: AccountStore | None = None) -> Identity:
     """Load the identity, making what is missing. Under a lock on the data directory: two
-    configurators starting at once on a fresh one must not each make a key or a password."""
+    configurators starting at once on a fresh one must not each make a key or a password.
+    `accounts`: where the broker keeps them, when the caller owns the broker (default: from
+    `settings`)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     with _locked(settings.data_dir / "setup.lock"):
         key = KeyPair.load_or_create(settings.data_dir / KEY_NAME)
-        accounts = make_accounts(settings)
+        accounts = accounts or make_accounts(settings)
         login = None
         if accounts is not None:  # its own account, and the local operator's for the CLI
             login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
                                                     settings.data_dir / "configurator.secret"))
             ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
-    return Identity(key, accounts, login)
+        mqtt_id = client_id(settings)
+    return Identity(key, accounts, login, mqtt_id)
 
 
 def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Configurator:
@@ -127,13 +151,20 @@ def build(settings: ConfiguratorSettings, ident: Identity | None = None) -> Conf
     ident = ident or identity(settings)
     reporter = GatewayReporter()
     store = SqliteStore(db_path(settings.data_dir))
+    if settings.cloud and settings.cloud.restore and not store.all() and "epoch" not in store.meta():
+        from .cloudlink import restore  # a replacement gateway: the home's configuration from its backup
+        restore(settings.cloud, ident.key, settings.data_dir, store)
     lan = saved_plan(settings.lan, store.meta())  # a renumbered LAN stays renumbered across restarts
     driver = make_driver(settings, reporter, lan)
     try:
-        configurator = Configurator(settings, store, driver, ident.key, ident.accounts, ident.login)
+        configurator = Configurator(settings, store, driver, ident.key, ident.accounts, ident.login,
+                                    client_id=ident.client_id)
     except BaseException:
         driver.close()
         store.close()
         raise
-    reporter.connect(configurator.event, configurator.publish_gateway_state)
+    reporter.connect(configurator.event, configurator.publish_gateway_state, configurator.gateway_reported)
+    if settings.cloud:
+        from .cloudlink import CloudLink
+        configurator.extensions.append(CloudLink(configurator, settings.cloud, settings.data_dir))
     return configurator

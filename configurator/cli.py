@@ -3,24 +3,25 @@
 from __future__ import annotations
 
 import asyncio
+import json
 import signal
 import threading
 from pathlib import Path
+from collections.abc import Callable
 from typing import Any
 
 import click
 
-from homenet import logs
-from homenet.settings import (ConfiguratorSettings, GatewaySettings, SettingsError, load)
+from homenet import DISTRIBUTION, logs, sdnotify
+from homenet.settings import BrokerSettings, ConfiguratorSettings, GatewaySettings, SettingsError, load
 
 from .app import db_path
-from .table import device_detail, device_table
+from .table import device_detail, device_json, device_table
 
 CONFIG = click.option("--config", "-c", type=click.Path(path_type=Path, dir_okay=False),
                       help="TOML settings file.")
-DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False),
+DATA_DIR = click.option("--data-dir", type=click.Path(path_type=Path, file_okay=False, readable=False),
                         help="Directory of the configuration database.")
-VERBOSE = click.option("--verbose", "-v", is_flag=True)
 
 
 def _load(model: Any, config: Path | None, **flags: object) -> Any:
@@ -44,10 +45,32 @@ async def _until_signal() -> None:
     await stop.wait()
 
 
+async def _until_signal_or(died: Any, message: str) -> None:
+    """Until SIGINT/SIGTERM or until `died` (a child the gateway needs) returns; then a
+    ClickException with `message` formatted with what it returned."""
+    signalled = asyncio.ensure_future(_until_signal())
+    child = asyncio.ensure_future(died)
+    done, _ = await asyncio.wait({signalled, child}, return_when=asyncio.FIRST_COMPLETED)
+    for task in (signalled, child):
+        task.cancel()
+    if child in done and not child.cancelled():
+        raise click.ClickException(message.format(child.result()))
+
+
 @click.group()
-@click.version_option(package_name="homenet")
+@click.version_option(package_name=DISTRIBUTION)
 def main() -> None:
     """homenet gateway: IEC 62608 configurator and embedded MQTT broker."""
+
+
+def _cloud_commands() -> None:
+    """`homenet cloud …` (cloud/cli.py): its heavy imports load only when a cloud command runs."""
+    from homenet.cloud.cli import cloud
+
+    main.add_command(cloud)
+
+
+_cloud_commands()
 
 
 @main.group()
@@ -64,53 +87,83 @@ def gateway() -> None:
 @click.option("--no-plain", is_flag=True, help="No plain-TCP listener: TLS only.")
 @click.option("--beacon-interface", "beacon", multiple=True,
               help="LAN interface to send the Layer-2 beacon on, e.g. br0 (repeatable).")
-@VERBOSE
+@logs.options
 def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, ...], tls_listen: tuple[str, ...],
-                no_plain: bool, beacon: tuple[str, ...], verbose: bool) -> None:
-    """Run the embedded broker and the configurator (and the beacon) until SIGINT/SIGTERM.
-    When another configurator on the same data directory fences this one, it says so and
-    stands by (the broker and the beacon go on) until that one goes offline."""
-    from homenet.broker.beacon import BeaconSender
-    from homenet.broker.server import EmbeddedBroker
-    from homenet.l2 import NoRawSocket
-
-    from .app import GatewayRunning, hold_gateway
-    from .service import Configurator
-    from .standby import Standby
-
-    logs.setup(verbose)
+                no_plain: bool, beacon: tuple[str, ...]) -> None:
+    """Run the broker (embedded amqtt, or Mosquitto as a child: `[broker] engine`) and the
+    configurator (and the beacon) until SIGINT/SIGTERM. Under systemd (Type=notify) READY=1 is
+    sent once the broker listens and the configurator is online on it, and the watchdog is
+    pinged while both answer. When another configurator on the same data directory fences this
+    one, it says so and stands by (the broker and the beacon go on) until that one goes offline."""
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "broker.listeners": [] if no_plain else (list(listen) or None),
         "broker.tls_listeners": list(tls_listen) or None, "beacon.interfaces": list(beacon) or None})
+    _preflight("homenet gateway run", settings)
+
+    from subprocess import SubprocessError
+
+    from amqtt.errors import BrokerError
+
+    from homenet.broker.beacon import BeaconSender
+    from homenet.broker.mosquitto import EngineMissing, MosquittoEngine, choose_engine
+    from homenet.broker.server import EmbeddedBroker
+    from homenet.l2 import NoRawSocket
+
+    from .app import GatewayRunning, hold_gateway, identity
+    from .extensions import Extensions
+    from .extensions.http import HttpError
+    from .service import Configurator
+    from .standby import Standby
+
     try:
+        engine = choose_engine(settings.broker)
         broker_settings, conf_settings, fingerprint = _secure_gateway(settings)
         held = hold_gateway(conf_settings.data_dir)
-    except (ValueError, GatewayRunning) as exc:
+    except (ValueError, EngineMissing, GatewayRunning) as exc:
         raise click.ClickException(str(exc)) from None
     plain, tls = settings.broker.listeners, settings.broker.tls_listeners
+    child = MosquittoEngine(broker_settings, conf_settings.data_dir, _topics(conf_settings)) \
+        if engine == "mosquitto" else None
+    if child is not None:
+        conf_settings = child.configurator_settings(conf_settings)
+
+    # the accounts (the configurator's, the local operator's) exist before the broker takes a login
+    ident = identity(conf_settings, child.accounts if child else None)
 
     async def serve() -> None:
-        broker = EmbeddedBroker(broker_settings, _topics(conf_settings))
-        await broker.start()
+        broker = EmbeddedBroker(broker_settings, _topics(conf_settings)) if child is None else None
+        try:
+            if broker is not None:
+                await broker.start()
+            elif child is not None:
+                child.start()
+        except (BrokerError, RuntimeError, OSError, SubprocessError) as exc:  # a bind that failed after the
+            # preflight's (a race for the port: amqtt's BrokerError wraps the OSError), or Mosquitto's start
+            raise click.ClickException(f"broker: {exc}") from None
         loop = asyncio.get_running_loop()
-        stop = threading.Event()
-        for sig in (signal.SIGINT, signal.SIGTERM):
-            loop.add_signal_handler(sig, stop.set)
         sender: BeaconSender | None = None
+        extensions: Extensions | None = None
+        """Those of the configurator serving now (each turn as the primary has its own)."""
 
         def renumbered() -> None:  # a LAN interface's address changed; the beacon says so next
-            asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
+            if broker is not None:  # Mosquitto has no take-over trap to clear (amqtt-notes.md)
+                asyncio.run_coroutine_threadsafe(broker.drop_orphans(), loop).result(10)
             if standby.primary is not None:
                 standby.primary.lan_watch.poke()
 
         def close_session(client_id: str) -> None:  # a revoked account's connection
+            assert broker is not None
             asyncio.run_coroutine_threadsafe(broker.kick(client_id), loop).result(5)
 
         def primary(configurator: Configurator) -> None:
-            """The beacon starts with the first turn, with the epoch claimed then: a new epoch
-            in the beacon tells the devices that the gateway restarted."""
-            nonlocal sender
-            configurator.close_session = close_session
+            """Before the configurator starts: its extensions (nothing it commits is missed),
+            and with the first turn the beacon, with the epoch claimed then (a new epoch in the
+            beacon tells the devices that the gateway restarted)."""
+            nonlocal sender, extensions
+            if broker is not None:  # Mosquitto's dynamic security closes a deleted client itself
+                configurator.close_session = close_session
+            extensions = Extensions(configurator, settings.model_copy(update={"configurator": conf_settings}))
+            extensions.start()
             if sender is None and settings.beacon.interfaces:
                 tls_port = _port(tls[0]) if tls else None
                 sender = BeaconSender(settings.beacon.interfaces, configurator.key, configurator.epoch,
@@ -119,20 +172,86 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
                                       renumbered=renumbered)
                 sender.start()
 
-        standby = Standby(conf_settings, on_primary=primary)
+        def retired(_configurator: Configurator) -> None:
+            nonlocal extensions
+            if extensions is not None:
+                extensions.stop()
+                extensions = None
+
+        standby = Standby(conf_settings, ident=ident, on_primary=primary, on_retire=retired)
+        stop = threading.Event()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, stop.set)
+        watchdog = sdnotify.Watchdog(lambda: _gateway_problem(loop, standby.primary))
+        turns = asyncio.ensure_future(asyncio.to_thread(standby.run, stop, wait_first=False))
+        ready = asyncio.ensure_future(_ready_when(
+            lambda: standby.primary is not None and standby.primary.connected.is_set(),
+            f"serving on {', '.join(plain + tls)}"))
+        died = asyncio.ensure_future(child.exited()) if child is not None else None
+        watchdog.start()
         try:
-            await asyncio.to_thread(standby.run, stop, wait_first=False)
+            done, _ = await asyncio.wait({turns, *([died] if died else [])}, return_when=asyncio.FIRST_COMPLETED)
+            if died is not None and died in done:
+                stop.set()
+                await turns
+                raise click.ClickException(f"mosquitto exited with status {died.result()}; stopping")
+            turns.result()
+        except HttpError as exc:
+            raise click.ClickException(str(exc)) from None
         except (NoRawSocket, OSError) as exc:
             raise click.ClickException(f"beacon: {exc}") from None
         finally:
+            sdnotify.notify("STOPPING=1")
+            watchdog.stop()
+            ready.cancel()
+            if died is not None:
+                died.cancel()
+            stop.set()
+            if not turns.done():
+                await asyncio.wait({turns})
             if sender:
                 sender.stop()
-            await broker.stop()
+            if broker is not None:
+                await broker.stop()
+            if child is not None:
+                child.stop()
 
     try:
         asyncio.run(serve())
     finally:
         held.close()
+
+
+def _preflight(command: str, settings: GatewaySettings, data: bool = True) -> None:
+    """Everything that can be checked before anything is made (configurator/preflight.py);
+    `data`: the command writes the data directory."""
+    from . import preflight
+
+    try:
+        preflight.need_gateway_extra(command)
+        preflight.check_binds(settings.broker.listeners + settings.broker.tls_listeners)
+        preflight.check_beacon(settings.beacon.interfaces, settings.beacon.ethertype)
+        if data:
+            preflight.check_writable(settings.configurator.data_dir)
+    except preflight.PreflightError as exc:
+        raise click.ClickException(str(exc)) from None
+
+
+async def _ready_when(online: Callable[[], bool], status: str) -> None:
+    """READY=1 once the configurator is online on the broker: agents can then be served."""
+    while not online():
+        await asyncio.sleep(0.05)
+    sdnotify.notify("READY=1", f"STATUS={status}")
+
+
+def _gateway_problem(loop: asyncio.AbstractEventLoop, configurator: Any) -> str | None:
+    """For the watchdog: the broker's event loop answers and the configurator's threads run
+    (none runs while this gateway stands by for another configurator: the broker still serves)."""
+    try:
+        asyncio.run_coroutine_threadsafe(asyncio.sleep(0), loop).result(timeout=5)
+    except (TimeoutError, RuntimeError):
+        return "the broker's event loop did not answer within 5 s"
+    return configurator.problem() if configurator is not None else None
 
 
 def _port(bind: str) -> int:
@@ -147,23 +266,34 @@ def _secure_gateway(settings: GatewaySettings) -> tuple[Any, ConfiguratorSetting
     if settings.configurator.dynsec_admin:
         raise ValueError("gateway run embeds its own broker: dynsec_admin is for a configurator "
                          "in front of an external Mosquitto (homenet configurator run)")
+    if not settings.broker.listeners and not settings.broker.tls_listeners:
+        raise ValueError("no listener: give --listen or --tls-listen")
     data = settings.configurator.data_dir
-    data.mkdir(parents=True, exist_ok=True)
+    try:
+        data.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ValueError(f"data directory {data}: cannot be made: {exc.strerror}") from None
     broker = settings.broker.model_copy(update={
         "accounts_file": settings.broker.accounts_file or data / "broker-accounts.json"})
-    if not broker.listeners and not broker.tls_listeners:
-        raise ValueError("no listener: give --listen or --tls-listen")
     cert = ""
     if broker.tls_listeners:
         broker = broker.model_copy(update={"certfile": broker.certfile or data / "broker-cert.pem",
                                            "keyfile": broker.keyfile or data / "broker-key.pem"})
         cert = fingerprint(ensure_certificate(broker.certfile, broker.keyfile))
-    local = (local_url(broker.listeners[0]) if broker.listeners
-             else local_url(broker.tls_listeners[0]).replace("mqtt://", "mqtts://"))
     configurator = settings.configurator.model_copy(update={
-        "broker": local, "accounts_file": broker.accounts_file,
+        "broker": _local_broker(broker), "accounts_file": broker.accounts_file,
         "broker_cafile": broker.certfile if not broker.listeners else None})
     return broker, configurator, cert
+
+
+def _local_broker(broker: BrokerSettings) -> str:
+    """The URL the gateway's own configurator (and the operator commands) use for the embedded
+    broker: the first plain listener, else the first TLS one."""
+    if broker.listeners:
+        return local_url(broker.listeners[0])
+    if broker.tls_listeners:
+        return local_url(broker.tls_listeners[0]).replace("mqtt://", "mqtts://")
+    raise click.ClickException("no listener: give --listen or --tls-listen")
 
 
 def _topics(settings: ConfiguratorSettings) -> Any:
@@ -180,13 +310,13 @@ def broker() -> None:
 @broker.command("run")
 @CONFIG
 @click.option("--listen", multiple=True, help="Listener bind, e.g. ':::1883' (repeatable).")
-@VERBOSE
-def broker_run(config: Path | None, listen: tuple[str, ...], verbose: bool) -> None:
+@logs.options
+def broker_run(config: Path | None, listen: tuple[str, ...]) -> None:
     """Run only the broker (the configurator can then run elsewhere)."""
-    from homenet.broker.server import EmbeddedBroker
-
-    logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{"broker.listeners": list(listen) or None})
+    _preflight("homenet broker run", settings, data=False)
+
+    from homenet.broker.server import EmbeddedBroker
 
     async def serve() -> None:
         embedded = EmbeddedBroker(settings.broker, _topics(settings.configurator))
@@ -210,16 +340,14 @@ def configurator() -> None:
 @click.option("--broker", help="Broker URL, e.g. mqtt://127.0.0.1:1883.")
 @click.option("--standby", is_flag=True, help="Start as a standby: give a primary standby_grace seconds to "
               "appear before taking over (docs/reliability.md).")
-@VERBOSE
-def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, standby: bool,
-                     verbose: bool) -> None:
+@logs.options
+def configurator_run(config: Path | None, data_dir: Path | None, broker: str | None, standby: bool) -> None:
     """Run the configurator until SIGINT/SIGTERM; while another configurator on the same data
     directory is online, stand by and take over when it goes offline."""
     from homenet.accounts import AccountError
 
     from .standby import Standby
 
-    logs.setup(verbose)
     settings: GatewaySettings = _load(GatewaySettings, config, **{
         "configurator.data_dir": data_dir, "configurator.broker": broker})
     stop = threading.Event()
@@ -237,43 +365,82 @@ def devices() -> None:
 
 
 def _store(config: Path | None, data_dir: Path | None) -> Any:
-    from .store import SqliteStore
+    from .store import SqliteStore, StoreError
 
     settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.data_dir": data_dir})
     path = db_path(settings.configurator.data_dir)
-    if not path.exists():
-        raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
-    return SqliteStore(path, read_only=True)
+    try:
+        if not path.exists():
+            raise click.ClickException(f"no configuration database at {path} (use --data-dir or --config)")
+        return SqliteStore(path, read_only=True)
+    except StoreError as exc:
+        raise click.ClickException(str(exc)) from None
+    except PermissionError:  # exists() itself fails in a directory one may not enter
+        raise _unreadable(path) from None
+
+
+def _unreadable(path: Path) -> click.ClickException:
+    return click.ClickException(f"cannot read {path}: permission denied (run it as the gateway's user or root)")
+
+
+JSON = click.option("--json", "as_json", is_flag=True, help="JSON instead of a table.")
 
 
 @devices.command("list")
 @CONFIG
 @DATA_DIR
-def devices_list(config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_list(config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """One line per device: state, address, QoS, port mappings."""
-    click.echo(device_table(_store(config, data_dir).all()))
+    records = _store(config, data_dir).all()
+    click.echo(json.dumps([device_json(r) for r in records], indent=2) if as_json else device_table(records))
 
 
 @devices.command("show")
 @click.argument("device_id")
 @CONFIG
 @DATA_DIR
-def devices_show(device_id: str, config: Path | None, data_dir: Path | None) -> None:
+@JSON
+def devices_show(device_id: str, config: Path | None, data_dir: Path | None, as_json: bool) -> None:
     """Everything known about one device."""
-    record = _store(config, data_dir).get(device_id)
+    from .cloudstate import cloud_detail
+
+    store = _store(config, data_dir)
+    record = store.get(device_id)
     if record is None:
         raise click.ClickException(f"no device {device_id!r} in the database")
+    if as_json:
+        click.echo(json.dumps(device_json(record), indent=2))
+        return
     click.echo(device_detail(record))
+    if cloud := cloud_detail(store.path.parent, device_id):
+        click.echo(cloud)
 
 
-BROKER = click.option("--broker", help="Broker of the running configurator (default: this gateway's).")
+BROKER = click.option("--broker", help="Broker of the running configurator (default: from the settings, "
+                      "as the configurator finds it).")
+
+
+def _checked(what: str) -> Any:
+    """A click callback: the argument is a safe topic level (device ids and user names are)."""
+
+    def check(_ctx: click.Context, _param: click.Parameter, value: str) -> str:
+        from homenet.schemas.topics import TopicError, check_device_id
+
+        try:
+            return check_device_id(value)
+        except TopicError:
+            raise click.ClickException(f"{what} {value!r} is not valid: 1-63 of A-Z a-z 0-9 . _ -, "
+                                       "starting with a letter or digit") from None
+
+    return check
 
 
 def _device_command(op: str, done: str, help_text: str) -> None:
     """`homenet devices OP DEVICE_ID`, sent to the running configurator."""
 
     @devices.command(op, help=help_text)
-    @click.argument("device_id")
+    @click.argument("device_id", callback=_checked("device id"))
     @CONFIG
     @DATA_DIR
     @BROKER
@@ -291,15 +458,37 @@ _device_command("reject", "rejected", "Refuse a device waiting for approval; it 
 _device_command("reset", "reset", "Unbind a device's key (e.g. reinstalled): its next registration binds a new one.")
 
 
+@devices.command("replace")
+@click.argument("device_id", callback=_checked("device id"))
+@click.argument("predecessor", callback=_checked("device id"))
+@CONFIG
+@DATA_DIR
+@BROKER
+def devices_replace(device_id: str, predecessor: str, config: Path | None, data_dir: Path | None,
+                    broker: str | None) -> None:
+    """DEVICE_ID, a new unit of the same model, takes the place of PREDECESSOR (forgotten):
+    its address and port forwards."""
+    from homenet.schemas.messages import Command
+
+    reply = _command(config, data_dir, broker, Command(op="replace", device_id=device_id, predecessor=predecessor))
+    click.echo(f"{device_id} took the place of {predecessor} ({reply.result.get('address') or 'no address'})")
+
+
 @devices.command("pair")
 @click.argument("code")
 @CONFIG
 @DATA_DIR
 @BROKER
 def devices_pair(code: str, config: Path | None, data_dir: Path | None, broker: str | None) -> None:
-    """Let in the waiting device that shows this pairing code (enrollment 'pairing-code')."""
+    """Let in the waiting device that shows this pairing code (enrollment 'pairing-code'):
+    229-670 or 229670."""
     from homenet.schemas.messages import Command
+    from homenet.schemas.signing import canonical_pairing_code
 
+    try:
+        code = canonical_pairing_code(code)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
     reply = _command(config, data_dir, broker, Command(op="pair", code=code))
     click.echo(f"paired {reply.result['device_id']}")
 
@@ -310,8 +499,9 @@ def users() -> None:
 
 
 @users.command("add")
-@click.argument("name")
-@click.option("--read-only", is_flag=True, help="May read the whole tree, publish nothing.")
+@click.argument("name", callback=_checked("user name"))
+@click.option("--read-only", is_flag=True, help="Publishes nothing; reads every topic under the root but the "
+              "devices' register/reply and the command replies (they carry passwords).")
 @CONFIG
 @DATA_DIR
 @BROKER
@@ -324,7 +514,7 @@ def users_add(name: str, read_only: bool, config: Path | None, data_dir: Path | 
 
 
 @users.command("remove")
-@click.argument("name")
+@click.argument("name", callback=_checked("user name"))
 @CONFIG
 @DATA_DIR
 @BROKER
@@ -342,12 +532,17 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
 
     settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.broker": broker,
                                                                   "configurator.data_dir": data_dir})
-    url = broker or local_url(settings.broker.listeners[0])
-    secret = settings.configurator.data_dir / ADMIN_SECRET  # present on the gateway itself
-    login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
+    conf = settings.configurator
+    # where the configurator itself connects: `configurator run` to its `broker`, `gateway run`
+    # to its own first listener
+    url = conf.broker if "broker" in conf.model_fields_set else _local_broker(settings.broker)
+    secret = conf.data_dir / ADMIN_SECRET  # present on the gateway itself
     try:
-        reply = send_command(url, command, settings.configurator.root, login,
-                             cafile=settings.configurator.data_dir / "broker-cert.pem")
+        login = (ADMIN, secret.read_text().strip()) if secret.exists() else None
+    except PermissionError:
+        raise _unreadable(secret) from None
+    try:
+        reply = send_command(url, command, conf.root, login, cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.ok:
@@ -357,12 +552,11 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
 
 @main.command()
 @click.option("--timeout", default=30.0, show_default=True, help="Seconds to wait for every device.")
-@VERBOSE
-def demo(timeout: float, verbose: bool) -> None:
+@logs.options
+def demo(timeout: float) -> None:
     """Onboard one simulated device of each built-in type; exit 0 when all confirmed."""
     from .demo import run_demo
 
-    logs.setup(verbose)
     if not run_demo(timeout):
         raise SystemExit(1)
 
@@ -378,17 +572,33 @@ def bench() -> None:
               help="Brokers to measure (default: both).")
 def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
     """Time from an agent's CONNACK to its confirmed config, against a trivial responder."""
-    from .bench import run_onboard
+    from homenet.bench.onboard import run_onboard
 
     run_onboard(count, list(brokers) or ["amqtt", "mosquitto"])
+
+
+@bench.command("cloud")
+@click.option("--homes", default=1000, show_default=True, type=click.IntRange(min=1), help="Simulated homes.")
+@click.option("--devices", default=20, show_default=True, type=click.IntRange(min=1), help="Devices per home.")
+@click.option("--servers", "servers", multiple=True, type=click.IntRange(min=1),
+              help="`cloud run` processes on one PostgreSQL (repeatable; default 1 then 2).")
+@click.option("--processes", default=2, show_default=True, help="Load generator processes.")
+@click.option("--threads", default=16, show_default=True, help="Concurrent homes per load process.")
+@click.option("--json", "json_out", type=click.Path(path_type=Path, dir_okay=False), help="Results as JSON.")
+def bench_cloud(homes: int, devices: int, servers: tuple[int, ...], processes: int, threads: int,
+                json_out: Path | None) -> None:
+    """Homes onboarding devices against `homenet cloud run` on PostgreSQL: req/s, p50/p99."""
+    from homenet.bench.cloud import run_cloud
+
+    run_cloud(homes, devices, list(servers) or [1, 2], processes, threads, json_out)
 
 
 @bench.command("storm")
 @click.option("--agents", "counts", multiple=True, type=click.IntRange(min=1),
               help="Agents that connect and register at once (repeatable; default 250, 1000, 5000).")
-@click.option("--broker", "brokers", multiple=True, type=click.Choice(["amqtt", "mosquitto"]),
-              help="amqtt: `gateway run` (broker and configurator in one process); mosquitto: Mosquitto "
-              "and `configurator run` (default: both).")
+@click.option("--broker", "brokers", multiple=True, type=click.Choice(["amqtt", "gw-mosquitto", "mosquitto"]),
+              help="amqtt: `gateway run` (broker and configurator in one process); gw-mosquitto: `gateway run` "
+              "with engine mosquitto (its child); mosquitto: Mosquitto and `configurator run` (default: all).")
 @click.option("--timeout", default=60.0, show_default=True, help="Seconds one run may take; then it stops.")
 @click.option("--processes", default=2, show_default=True, help="Load generator processes.")
 @click.option("--profile", type=click.Path(path_type=Path, dir_okay=False),
@@ -401,10 +611,71 @@ def bench_onboard(count: int, brokers: tuple[str, ...]) -> None:
 @click.option("--renumber/--no-renumber", default=True, show_default=True,
               help="After each storm, restart the configurator with the LAN moved to another subnet and "
               "time until every device confirmed its new config.")
+@click.option("--repeat", default=1, show_default=True, type=click.IntRange(min=1),
+              help="Run every storm this many times; then, per broker, in how many every device was confirmed.")
 def bench_storm(counts: tuple[int, ...], brokers: tuple[str, ...], timeout: float, processes: int,
-                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool) -> None:
-    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS."""
-    from .storm import run_storm
+                profile: Path | None, footprint: bool, json_out: Path | None, keep: bool, renumber: bool,
+                repeat: int) -> None:
+    """N new agents at once against a fresh configurator: time until all confirmed, CPU, RSS.
+    Exit status 1 when a device was not confirmed in some run."""
+    from homenet.bench.storm import BROKERS, run_storm
 
-    run_storm(list(counts) or [250, 1000, 5000], list(brokers) or ["amqtt", "mosquitto"], timeout, processes,
-              profile, footprint, json_out, keep, renumber)
+    if not run_storm(list(counts) or [250, 1000, 5000], list(brokers) or BROKERS, timeout, processes,
+                     profile, footprint, json_out, keep, renumber, repeat):
+        raise SystemExit(1)
+
+
+@main.group()
+def conformance() -> None:
+    """Check an agent against the wire contract (docs/protocol.md, Conformance)."""
+
+
+@conformance.command("agent", context_settings={"ignore_unknown_options": True})
+@click.option("--json", "as_json", is_flag=True, help="The verdicts as one JSON document on stdout (for CI).")
+@click.option("--answer-time", default=10.0, show_default=True, type=click.FloatRange(min=0.5),
+              help="Seconds the agent has for each answer (register, result, reconnect).")
+@click.option("--quiet-time", default=2.0, show_default=True, type=click.FloatRange(min=0.2),
+              help="Seconds the kit watches for an answer that must not come.")
+@click.option("--verbose", "-v", is_flag=True, help="Log what the kit's broker and configurator do (stderr).")
+@click.argument("command", nargs=-1, type=click.UNPROCESSED, required=True)
+def conformance_agent(as_json: bool, answer_time: float, quiet_time: float, verbose: bool,
+                      command: tuple[str, ...]) -> None:
+    """Play the gateway for the agent COMMAND and walk it through every rule of the contract.
+
+    {url} in COMMAND becomes the kit's broker (mqtt://127.0.0.1:PORT), {data} a directory kept
+    for the whole run (the agent's state, for the restart rule). Exit status 1 when a rule fails.
+
+        homenet conformance agent -- ./my-agent --broker {url} --state {data}
+    """
+    import logging
+    from importlib.util import find_spec
+
+    from .conformance import Timing, Verdict, check_agent
+
+    if find_spec("amqtt") is None:
+        raise click.ClickException("the conformance kit runs the embedded broker: pip install 'homenet-iec62608[gateway]'")
+
+    if verbose:
+        logs.setup("debug", "info")
+    else:  # the kit's broker refuses logins on purpose: its log lines are not the verdicts
+        logging.getLogger().addHandler(logging.NullHandler())
+
+    def line(v: Verdict) -> None:
+        click.echo(f"{'PASS' if v.ok else 'FAIL'} {v.rule}: {v.seen}", err=as_json)
+
+    try:
+        report = check_agent(list(command), Timing(answer_time, quiet_time), line)
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    passed = sum(v.ok for v in report.verdicts)
+    if as_json:
+        click.echo(report.as_json())
+    click.echo(f"{passed} passed, {len(report.verdicts) - passed} failed", err=as_json)
+    if not report.ok:
+        tail = report.agent_log.splitlines()[-15:]
+        if tail:
+            click.echo("last lines of the agent's output:\n  " + "\n  ".join(tail), err=True)
+        raise SystemExit(1)
+
+
+from . import cli_read  # noqa: E402,F401  (registers `users list` and `watch`)

@@ -160,10 +160,13 @@ class GatewayReporter:
     def __init__(self) -> None:
         self._event: Callable[..., None] | None = None
         self._changed: Callable[[], None] | None = None
+        self._items: Callable[[str, list[ItemResult]], None] | None = None
 
-    def connect(self, event: Callable[..., None], changed: Callable[[], None]) -> None:
-        """`event(name, severity, reason=...)` as Configurator.event; `changed()` republishes `gateway/state`."""
-        self._event, self._changed = event, changed
+    def connect(self, event: Callable[..., None], changed: Callable[[], None],
+                items: Callable[[str, list[ItemResult]], None]) -> None:
+        """`event(name, severity, reason=...)` as Configurator.event; `changed()` republishes
+        `gateway/state`; `items(device_id, results)` records what now holds of a device's items."""
+        self._event, self._changed, self._items = event, changed, items
 
     def event(self, name: str, severity: Severity, reason: str) -> None:
         if self._event is None:
@@ -174,3 +177,11 @@ class GatewayReporter:
     def changed(self) -> None:
         if self._changed is not None:
             self._changed()
+
+    def items(self, device_id: str, results: list[ItemResult]) -> None:
+        """A retry changed what holds of the device's gateway items (failed, or in force again)."""
+        if self._items is None:
+            log.info("gateway items of %s: %s", device_id,
+                     ", ".join(f"{r.item} {r.status.value}" for r in results))
+        else:
+            self._items(device_id, results)

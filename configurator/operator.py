@@ -12,7 +12,7 @@ import uuid
 from pathlib import Path
 from typing import Any
 
-from homenet.mqtt import BrokerUrl, make_client, set_nodelay
+from homenet.mqtt import BrokerUrl, make_client, session, set_nodelay
 from homenet.schemas import ContractError, Topics, decode, encode
 from homenet.schemas.messages import Command, CommandReply
 
@@ -46,16 +46,8 @@ def send_command(url: str, command: Command, root: str, login: tuple[str, str] |
             done.set()
 
     client.on_connect, client.on_subscribe, client.on_message = on_connect, on_subscribe, on_message
-    try:
-        client.connect(broker.host, broker.port, keepalive=30)
-    except OSError as exc:
-        raise ConnectionError(f"cannot reach the broker at {broker}: {exc}") from None
-    client.loop_start()
-    try:
+    with session(client, broker):
         if not done.wait(timeout):
             raise TimeoutError(f"no answer from a configurator via {broker} within {timeout:g} s "
                                "(is `homenet gateway run` running there?)")
         return replies[0]
-    finally:
-        client.disconnect()
-        client.loop_stop()

@@ -70,9 +70,11 @@ def _previous(items: list[ConfigItem]) -> tuple[Ipv4Item | None, dict[tuple[str,
     return ipv4, ports
 
 
-def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = ()) -> Plan:
-    """Plan the device's configuration; raise PlanError (with the reason) when it cannot be done."""
-    profile = profile_for(info.device_type)
+def evaluate(info: DeviceInfo, view: NetworkView, previous: list[ConfigItem] = (),
+             profile: Profile | None = None) -> Plan:
+    """Plan the device's configuration; raise PlanError (with the reason) when it cannot be done.
+    `profile`: the model's own (the service server's, docs/cloud.md), else the built-in for its type."""
+    profile = profile or profile_for(info.device_type)
     lan = view.lan
     prev_ipv4, prev_ports = _previous(list(previous))
     iface = primary_interface(info, lan, prev_ipv4.interface if prev_ipv4 else None)

@@ -7,7 +7,7 @@ from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from homenet.schemas.messages import Config, ConfigResult, DeviceInfo, Ipv4Item
+from homenet.schemas.messages import Config, ConfigResult, DeviceInfo, Ipv4Item, ItemResult
 
 from .lifecycle import State
 
@@ -30,6 +30,9 @@ class DeviceRecord(BaseModel):
     config_payload: str | None = None
     """The exact retained `config` payload, republished byte for byte after a broker restart."""
     result: ConfigResult | None = None
+    gateway: list[ItemResult] = Field(default_factory=list)
+    """What the gateway driver last reported of this device's gateway items (the agent's own
+    items are in `result`): an item the gateway failed to put in force shows here, with why."""
     error: str = ""
     public_key: str | None = None
     """The Ed25519 key bound to this device id at its first registration (base64)."""

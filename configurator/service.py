@@ -29,31 +29,38 @@ import time
 from collections.abc import Callable
 from functools import partial
 from contextlib import AbstractContextManager, nullcontext
-from typing import Any
+from typing import Any, Protocol
 
 import paho.mqtt.client as paho
-from pydantic import ValidationError
+from pydantic import TypeAdapter, ValidationError
 
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.accounts import AccountError, AccountStore
 from homenet.acl import Role
 from homenet.keys import KeyPair
-from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by
-from homenet.schemas.signing import b64, fingerprint, pairing_code, unb64
-from homenet.schemas.messages import (Command, CommandReply, Config, ConfigResult, ConfiguratorState, DeviceInfo,
+from homenet.schemas import (MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError, decode, encode, signed_by,
+                             strictjson)
+from homenet.schemas.results import result_problem
+from homenet.schemas.signing import b64, canonical_pairing_code, fingerprint, pairing_code, unb64
+from homenet.schemas.messages import (Command, CommandReply, Config, ConfigItem, ConfigResult, ConfiguratorState,
+                                      DeviceInfo,
                                       DeviceStatus,
-                                      Event as EventBody, ItemStatus, Model,
-                                      RegisterReply, RegisterStatus, ResultStatus, Severity)
+                                      Event as EventBody, ItemResult, ItemStatus, Model,
+                                      RegisterReply, RegisterStatus, ResultStatus, Rpc, Severity)
 from homenet.sequence import SequenceCounter
 from homenet.settings import ConfiguratorSettings
 
+from .bus import Bus, Committed, DeviceChanged
 from .gateway import GatewayDriver
+from .gatewaystate import Published
 from .holdings import Holdings, held_by
 from .ipam import quarantine, quarantined
 from .ipam import LanPlan
+from .newcomers import Newcomers
 from .lanwatch import LanWatch
 from .lifecycle import PLANNABLE, Event, State, advance
 from .policy import NetworkView, PlanError, evaluate
+from .profiles import Profile
 from .reconcile import Check, DriftTracker, GatewayListing, Side, device_drift, gateway_drift
 from .records import DeviceRecord, now
 from .renumber import lan_plan, left_the_lan, saved, saved_plan
@@ -69,15 +76,38 @@ _STOP = object()
 Task = Callable[[], None]
 
 
+RETIRED_KEPT = 100
+"""Forgotten devices whose settings a replacement unit can still take."""
+_CONFIG_ITEM: TypeAdapter[ConfigItem] = TypeAdapter(ConfigItem)
+
+
+def _model_of(info: DeviceInfo) -> list[str]:
+    return [info.device_type, info.maker, info.model]
+
+
+def _describe(model: list[str]) -> str:
+    device_type, *made = model
+    return f"{device_type} ({' '.join(m for m in made if m) or 'no model'})"
+
+
+class Extension(Protocol):
+    """A feature beside the core (design: extensions): `start` and `stop` with the service."""
+
+    def start(self) -> None: ...
+    def stop(self) -> None: ...
+
+
 class Rejected(Exception):
     """A message that is dropped; the text is the reason given in the log and the event."""
 
 
 class Configurator:
     def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None) -> None:
+                 key: KeyPair, accounts: AccountStore | None = None, login: tuple[str, str] | None = None,
+                 client_id: str | None = None) -> None:
         """`accounts`: the broker accounts this configurator issues (None: no broker auth);
-        `login`: its own (username, password) on the broker."""
+        `login`: its own (username, password) on the broker; `client_id`: its MQTT client id
+        (default `homenet-<configurator id>`)."""
         self.settings = settings
         self.key = key
         self.accounts = accounts
@@ -89,9 +119,15 @@ class Configurator:
         self._seq = SequenceCounter(int(store.meta().get("seq_reserved", 0)),
                                     lambda ceiling: store.set_meta_now(seq_reserved=ceiling))
         self.holdings = self._holdings()
+        hosts = max(1, self.driver.lan().subnet.num_addresses - 2)
+        self.newcomers = Newcomers(settings.max_new_devices or hosts)
+        self._limited = [0, 0.0]
+        """Registers dropped by the budget since the last event, and when that was."""
         self.connected = threading.Event()
         self.fenced = threading.Event()
         """Set when another configurator took over: this one has stopped sending."""
+        self.bus = Bus()
+        """What was committed, for the extensions (configurator/bus.py)."""
         self.close_session: Callable[[str], None] | None = None
         """Closes a client's connection at the broker, where the broker lets the configurator
         do it (the embedded one, in `homenet gateway run`); Mosquitto's dynamic security closes
@@ -104,9 +140,11 @@ class Configurator:
         self._halt = threading.Event()
         self._ticker = threading.Thread(target=self._tick, name="reconcile", daemon=True)
         self._outbox = threading.local()
+        self._gateway_published = Published()
+        self._gateway_lock = threading.Lock()
         self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
         self.broker = BrokerUrl.parse(settings.broker)
-        self.client = make_client(f"homenet-{self.sender}", clean_session=False,
+        self.client = make_client(client_id or f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,
                                   will=(self.topics.configurator_state, self._state_payload("offline")),
                                   cafile=settings.broker_cafile if self.broker.tls else None,
@@ -116,20 +154,45 @@ class Configurator:
         self.client.on_message = self._on_message
         self._handlers: dict[str, Callable[[str, Envelope, Any, DeviceRecord | None], None]] = {
             "register": self._on_register, "config.result": self._on_result, "info": self._on_info}
+        # Extensions started and stopped with the service (configurator/cloudlink.py; it hears
+        # what was committed on `bus`), and asked for a model's own profile when planning.
+        self.extensions: list[Extension] = []
+        self.profile_source: Callable[[DeviceInfo], Profile | None] = lambda _info: None
         for record in store.all():  # a fresh gateway (reboot, new driver) is caught up at once
             if record.config:
-                driver.apply(record.config)
+                self.gateway_reported(record.device_id, driver.apply(record.config))
 
     # --- lifecycle of the service --------------------------------------------------------
 
     def start(self) -> None:
         self._worker.start()
         self._ticker.start()
+        for extension in self.extensions:
+            extension.start()
         self.client.connect_async(self.broker.host, self.broker.port, keepalive=30)
         self.client.loop_start()
 
+    def submit(self, task: Task) -> None:
+        """Run `task` on the worker, in a batch of its own (for extensions, from their threads)."""
+        self._inbox.put(task)
+
+    def replan(self) -> None:
+        """Plan every device again (an extension learned something that changes plans)."""
+        self.submit(self._replan_all)
+
+    def reconcile_now(self) -> None:
+        """Reconcile every device now, correcting what drifted (as `drift` allows)."""
+        self.submit(self._reconcile_all)
+
+    def problem(self) -> str | None:
+        """What keeps this configurator from serving, for a watchdog: None while its threads run."""
+        dead = [t.name for t in (self._worker, self._ticker) if not t.is_alive()]
+        return f"configurator thread {', '.join(dead)} ended" if dead else None
+
     def stop(self) -> None:
         """Finish what was received, say `offline`, disconnect (so the will is not sent)."""
+        for extension in self.extensions:
+            extension.stop()
         self._stopping = True
         self._halt.set()
         self._inbox.put(_STOP)
@@ -173,6 +236,7 @@ class Configurator:
             self._later(self.lan_watch.start)
         # The broker may have lost its retained messages (amqtt keeps none across restarts); a
         # config just re-planned is not sent in its old version first (it would come back to us).
+        self._gateway_published.forget()  # its retained parts too may be gone
         for record in self.store.all():
             if record.config_payload and record.device_id not in sent:
                 self._publish_raw(self.topics.device(record.device_id, "config"), record.config_payload.encode(),
@@ -226,9 +290,11 @@ class Configurator:
             self._outbox.actions, self._outbox.gateway_changed = actions, False
             try:
                 # accounts first: a reply's credentials must work when the commit lets it out
+                started = time.perf_counter()
                 with self.store.transaction(), self._accounts_batch():
                     for item in batch:
                         self._handle(item)
+                self.bus.emit(Committed(time.perf_counter() - started, len(batch)))
                 break
             except Fenced as exc:
                 self._stand_down(str(exc))
@@ -320,17 +386,28 @@ class Configurator:
         body = EventBody(event=name, severity=severity, device_id=device_id, topic=topic,
                          sender=sender, reason=reason, detail=detail)
         self._publish(self.topics.events, "event", body)
+        self._later(self.bus.emit, body)
 
     def publish_gateway_state(self) -> None:
-        """What the driver has set, retained on `gateway/state` (also called by the driver's
-        retries). It lists every device, so a batch sends it once, after all its gateway changes."""
+        """What the driver has set, retained on `gateway/state` and `gateway/device/{id}` (also
+        called by the driver's retries); a batch sends it once, after all its gateway changes."""
         if threading.current_thread() is self._worker:
             self._outbox.gateway_changed = True
         else:
             self._send_gateway_state()
 
     def _send_gateway_state(self) -> None:
-        self._publish(self.topics.gateway_state, "gateway.state", self.driver.state(), retain=True)
+        """Only what changed since the last time: the summary, and each device whose part did."""
+        with self._gateway_lock:  # in order, whichever thread the driver reports from
+            summary, devices = self._gateway_published.changes(self.driver.state())
+            for device_id, part in devices.items():
+                topic = self.topics.gateway_device(device_id)
+                if part is None:
+                    self._publish_raw(topic, b"", retain=True)
+                else:
+                    self._publish(topic, "gateway.device", part, retain=True)
+            if summary is not None:
+                self._publish(self.topics.gateway_state, "gateway.state", summary, retain=True)
 
     # --- receiving -----------------------------------------------------------------------
 
@@ -395,7 +472,7 @@ class Configurator:
 
     def _on_status(self, device_id: str, payload: bytes) -> None:
         try:
-            status = DeviceStatus.model_validate(json.loads(payload))
+            status = DeviceStatus.model_validate(strictjson.loads(payload))
         except (ValueError, ValidationError) as exc:
             raise Rejected(f"bad status payload: {exc.__class__.__name__}: {str(exc).splitlines()[0]}") from None
         record = self.store.get(device_id)
@@ -411,8 +488,8 @@ class Configurator:
         envelope, command = decode(payload, expected_kind="command")
         try:
             handler = {"forget": self._forget, "approve": self._approve, "reject": self._reject,
-                       "pair": self._pair, "reset": self._reset, "user.add": self._user_add,
-                       "user.remove": self._user_remove}[command.op]
+                       "pair": self._pair, "reset": self._reset, "refresh": self._refresh, "replace": self._replace,
+                       "user.add": self._user_add, "user.remove": self._user_remove}[command.op]
             result = handler(command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
         except (Rejected, AccountError) as exc:  # AccountError: e.g. Mosquitto refused the change
@@ -442,7 +519,10 @@ class Configurator:
         return {"device_id": record.device_id}
 
     def _pair(self, command: Command) -> dict[str, Any]:
-        code = command.code.strip()
+        try:
+            code = canonical_pairing_code(command.code)
+        except ValueError as exc:
+            raise Rejected(str(exc)) from None
         waiting = [r for r in self.store.all() if r.state == State.PENDING and r.public_key
                    and pairing_code(unb64(r.public_key) or b"") == code]
         if len(waiting) != 1:
@@ -457,6 +537,12 @@ class Configurator:
         self._drop_account(record.device_id)
         self.event("device.reset", Severity.WARNING, device_id=record.device_id,
                    reason="key binding cleared by the operator")
+        return {"device_id": record.device_id}
+
+    def _refresh(self, command: Command) -> dict[str, Any]:
+        """Ask the device for its info now (rpc `refresh`), e.g. from Home Assistant's button."""
+        record = self._known(command)
+        self._publish(self.topics.device(record.device_id, "rpc"), "rpc", Rpc(method="refresh"))
         return {"device_id": record.device_id}
 
     def _drop_account(self, name: str) -> None:
@@ -491,6 +577,7 @@ class Configurator:
         """Remove the device and everything set for it; if it comes back it registers afresh."""
         record = self._known(command)
         self.store.delete(record.device_id)
+        self.newcomers.settled(record.device_id)
         addresses = held_by(record)[0] if self.settings.forget_quarantine else set()
         self.holdings.hold(record.device_id, addresses)  # its ports are free at once
         if addresses:
@@ -501,7 +588,39 @@ class Configurator:
         for channel in ("config", "config/result", "info", "status"):  # clear its retained messages
             self._publish_raw(self.topics.device(record.device_id, channel), b"", retain=True)
         self.publish_gateway_state()
+        self._retire(record)
         self.event("device.forgotten", device_id=record.device_id, address=record.address)
+        return {"device_id": record.device_id, "address": record.address}
+
+    def _retire(self, record: DeviceRecord) -> None:
+        """Keep what a forgotten device had, so that a new unit of its model can take it (`replace`)."""
+        if record.config is None:
+            return
+        retired = dict(self.store.meta().get("retired", {}))
+        retired.pop(record.device_id, None)
+        retired[record.device_id] = {"model": _model_of(record.info),
+                                     "items": [i.model_dump(mode="json") for i in record.config.items]}
+        self.store.set_meta(retired=dict(list(retired.items())[-RETIRED_KEPT:]))
+
+    def _replace(self, command: Command) -> dict[str, Any]:
+        """A new unit of a forgotten device's model takes its settings (address, port forwards),
+        when the owner says so: `homenet devices replace NEW OLD`."""
+        record = self._known(command, *PLANNABLE)
+        retired = dict(self.store.meta().get("retired", {}))
+        old = retired.get(command.predecessor or "")
+        if old is None:
+            raise Rejected(f"no forgotten device {command.predecessor!r} whose place {record.device_id} could take")
+        if old["model"] != _model_of(record.info):
+            raise Rejected(f"{record.device_id} is a {_describe(_model_of(record.info))}, {command.predecessor} was a "
+                           f"{_describe(old['model'])}: only a unit of the same model takes its place")
+        previous = [_CONFIG_ITEM.validate_python(i) for i in old["items"]]
+        record, planned = self._plan(record, again=True, previous=previous)
+        self._put(record)
+        self._after_commit(record, planned)
+        del retired[command.predecessor]
+        self.store.set_meta(retired=retired)
+        self.event("device.replaced", device_id=record.device_id, predecessor=command.predecessor,
+                   reason=f"takes the place of {command.predecessor}: {record.address or record.error}")
         return {"device_id": record.device_id, "address": record.address}
 
     def _on_config_seen(self, device_id: str, payload: bytes, retained: bool) -> None:
@@ -559,6 +678,9 @@ class Configurator:
         if record is not None and record.state == State.REJECTED:
             self._reply(record.device_id, envelope.id, RegisterStatus.REJECTED, "rejected by the owner")
             return
+        if record is None and not self.newcomers.admit(info.device_id, time.monotonic()):
+            self._registration_limited(info.device_id)
+            return
         is_new = record is None
         record = (record or DeviceRecord(device_id=info.device_id, info=info)).model_copy(update={
             "info": info, "last_seq": envelope.seq, "online": True, "updated": now(),
@@ -570,6 +692,17 @@ class Configurator:
             self._hold(record)
         else:
             self._accept(record, Event.ACCEPT)
+
+    def _registration_limited(self, device_id: str) -> None:
+        """Nothing stored, no reply: the device registers again (agents retry after 30 s).
+        One event per 5 s at most, counting every register dropped."""
+        self._limited[0] += 1
+        if time.monotonic() - self._limited[1] < 5:
+            return
+        count, self._limited = self._limited[0], [0, time.monotonic()]
+        self.event("registration.limited", Severity.WARNING, device_id=device_id,
+                   reason=f"{count} register(s) of new devices dropped: {len(self.newcomers)} new devices have "
+                          f"not confirmed their first config yet, the limit (max_new_devices)", dropped=count)
 
     def _hold(self, record: DeviceRecord) -> None:
         """Enrollment needs the owner: the device waits, told how to let it in."""
@@ -586,8 +719,10 @@ class Configurator:
         record, planned = self._plan(record.model_copy(update={"state": advance(record.state, event)}))
         self._put(record)
         credentials = None
-        if self.accounts is not None and record.info.needs_credentials:
-            # the register was signed by the bound key: only the device itself gets here
+        if self.accounts is not None and (record.info.needs_credentials or self.accounts.get(record.device_id) is None):
+            # the register was signed by the bound key: only the device itself gets here. A device
+            # with no account logged in anonymously, whatever it said: without one it could never
+            # read its config (docs/protocol.md, Enrollment)
             credentials = {"username": record.device_id,
                            "password": self.accounts.set(record.device_id, Role.DEVICE)}
         self._reply(record.device_id, record.register_id, RegisterStatus.ACCEPTED, record.error,
@@ -625,6 +760,9 @@ class Configurator:
             raise Rejected("config.result from a device that was sent no config")
         if result.version != record.version:
             raise Rejected(f"stale config.result for version {result.version}; current is {record.version}")
+        problem = result_problem(result, record.config, json.loads(record.config_payload)["id"])
+        if problem:  # e.g. `ok` for no items: the device would pass for configured
+            raise Rejected(f"config.result refused: {problem}")
         if result == record.result:  # the agent re-sent it after a reconnect
             self._put(record.model_copy(update={"last_seq": envelope.seq}))
             return
@@ -634,6 +772,7 @@ class Configurator:
             "state": advance(record.state, Event.RESULT_OK if ok else Event.RESULT_FAILED)})
         self._put(record)
         if ok:
+            self.newcomers.settled(record.device_id)
             self.event("config.applied", device_id=record.device_id, version=result.version)
         else:
             failed = {r.item: r.detail for r in result.items
@@ -685,16 +824,20 @@ class Configurator:
     def _put(self, record: DeviceRecord) -> None:
         self.store.put(record)
         self.holdings.update(record)
+        self._later(self.bus.emit, DeviceChanged(record))
 
     def _view(self, device_id: str) -> NetworkView:
         return self.holdings.view(self.driver.lan(), device_id, self.driver.name)
 
-    def _plan(self, record: DeviceRecord, again: bool = False) -> tuple[DeviceRecord, bool]:
+    def _plan(self, record: DeviceRecord, again: bool = False,
+              previous: list[ConfigItem] | None = None) -> tuple[DeviceRecord, bool]:
         """Evaluate the device; return the updated record and whether a new config version was made
-        (`again`: even when nothing changed, so that the agent applies it once more)."""
-        previous = record.config.items if record.config else []
+        (`again`: even when nothing changed, so that the agent applies it once more; `previous`:
+        the items to keep stable, by default its own config's)."""
+        if previous is None:
+            previous = record.config.items if record.config else []
         try:
-            plan = evaluate(record.info, self._view(record.device_id), previous)
+            plan = evaluate(record.info, self._view(record.device_id), previous, self.profile_source(record.info))
         except PlanError as exc:
             self.event("device.unplanned", Severity.ERROR, device_id=record.device_id, reason=str(exc))
             return record.model_copy(update={"state": advance(record.state, Event.PLAN_FAILED),
@@ -726,7 +869,18 @@ class Configurator:
                        reason=f"{failure.item}: {failure.detail}")
         for refused in (r for r in results if r.status == ItemStatus.UNSUPPORTED):  # e.g. a third-party router
             self.event("gateway.unsupported", device_id=record.device_id, reason=f"{refused.item}: {refused.detail}")
+        self.gateway_reported(record.device_id, results)
         self.publish_gateway_state()
+
+    def gateway_reported(self, device_id: str, results: list[ItemResult]) -> None:
+        """Keep in the device's record what holds of its gateway items (from any thread: the
+        driver's retries report here too); written by a task of its own, as every write is."""
+        self._inbox.put(partial(self._keep_gateway_items, device_id, results))
+
+    def _keep_gateway_items(self, device_id: str, results: list[ItemResult]) -> None:
+        record = self.store.get(device_id)
+        if record is not None and record.config is not None and record.gateway != results:
+            self._put(record.model_copy(update={"gateway": results, "updated": now()}))
 
     # --- reconciliation (reconcile.py) ------------------------------------------------------
 

@@ -41,7 +41,7 @@ from homenet.schemas.messages import ConfiguratorState
 from homenet.schemas.signing import b64, fingerprint
 from homenet.settings import ConfiguratorSettings
 
-from .app import build, identity
+from .app import Identity, build, identity
 from .service import Configurator
 from .store import Fenced
 
@@ -92,13 +92,17 @@ class Watch:
 class Standby:
     """One configurator process's turns: standing by while another is online, primary otherwise."""
 
-    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False,
-                 on_primary: Callable[[Configurator], None] | None = None) -> None:
+    def __init__(self, settings: ConfiguratorSettings, *, standby: bool = False, ident: Identity | None = None,
+                 on_primary: Callable[[Configurator], None] | None = None,
+                 on_retire: Callable[[Configurator], None] | None = None) -> None:
         """`standby`: at start, give a primary `standby_grace` seconds to appear, not `SETTLE`;
-        `on_primary(configurator)`: called each time this process has become the primary."""
-        self.on_primary = on_primary
+        `ident`: the configurator's identity (default: from the data directory);
+        `on_primary(configurator)`: each time this process becomes the primary, before its
+        configurator starts (so nothing it commits is missed); `on_retire(configurator)`: after
+        that configurator stopped (the turn ended: stopped, or fenced by a newer one)."""
+        self.on_primary, self.on_retire = on_primary, on_retire
         self.settings = settings
-        self.ident = identity(settings)
+        self.ident = ident or identity(settings)
         self.topic = Topics(settings.root).configurator_state
         self.broker = BrokerUrl.parse(settings.broker)
         self.patience = settings.standby_grace if standby else SETTLE
@@ -123,25 +127,28 @@ class Standby:
             log.warning("%s: standing by", exc)
             return False
         self.primary = service
-        service.start()
-        if self.on_primary is not None:
-            try:
+        try:
+            if self.on_primary is not None:
                 self.on_primary(service)
-            except BaseException:
-                self.primary = None
-                service.stop()
-                service.store.close()
-                raise
+            service.start()
+        except BaseException:
+            self._retire(service)
+            raise
         while not (stop.wait(POLL) or service.fenced.is_set()):
             pass
-        self.primary = None
-        service.stop()
-        service.store.close()
+        self._retire(service)
         if service.fenced.is_set():
             self.fenced_epoch = service.epoch
             log.warning("configurator epoch %d was fenced by a newer one: standing by", service.epoch)
             return False
         return True
+
+    def _retire(self, service: Configurator) -> None:
+        self.primary = None
+        service.stop()
+        if self.on_retire is not None:
+            self.on_retire(service)
+        service.store.close()
 
     def _wait(self, stop: threading.Event) -> bool:
         """Block until this process should take over (True) or `stop` is set (False)."""

@@ -93,6 +93,9 @@ class SqliteStore:
         """None for a reader of a file whose schema is not made yet: nothing is stored."""
         if not self.read_only and not self.path.exists():
             os.close(os.open(self.path, os.O_CREAT | os.O_WRONLY, 0o600))  # WAL/SHM files inherit the mode
+        if not os.access(self.path, os.R_OK if self.read_only else os.R_OK | os.W_OK):
+            raise StoreError(f"cannot {'read' if self.read_only else 'write'} {self.path}: permission denied "
+                             "(run it as the gateway's user or root)")
         uri = f"file:{self.path}?mode={'ro' if self.read_only else 'rw'}"
         try:
             db = sqlite3.connect(uri, uri=True, isolation_level=None, check_same_thread=False, timeout=10)

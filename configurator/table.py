@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
-from homenet.schemas.messages import IgmpItem, PortMappingItem, QosItem
+from typing import Any
+
+from homenet.schemas.messages import IgmpItem, ItemResult, ItemStatus, PortMappingItem, QosItem
 
 from .records import DeviceRecord
 
-COLUMNS = ("DEVICE", "TYPE", "STATE", "ONLINE", "VER", "ADDRESS", "QOS", "PORTS", "IGMP")
+COLUMNS = ("DEVICE", "TYPE", "STATE", "ONLINE", "VER", "ADDRESS", "QOS", "PORTS", "IGMP", "GATEWAY")
 
 
 def _row(r: DeviceRecord) -> tuple[str, ...]:
@@ -14,9 +16,13 @@ def _row(r: DeviceRecord) -> tuple[str, ...]:
     qos = next((f"{i.qos_class.value}/{i.dscp}" for i in items if isinstance(i, QosItem)), "-")
     ports = ",".join(f"{i.protocol}/{i.external_port}->{i.internal_port}"
                      for i in items if isinstance(i, PortMappingItem)) or "-"
+    failed = [x.item for x in r.gateway if x.status == ItemStatus.FAILED]
     igmp = "on" if any(isinstance(i, IgmpItem) and i.enabled for i in items) else "-"
+    if igmp == "on" and "igmp" in failed:
+        igmp = "failed"
+    gateway = f"failed: {','.join(failed)}" if failed else ("ok" if r.gateway else "-")
     return (r.device_id, r.info.device_type, r.state.value, "yes" if r.online else "no",
-            str(r.version or "-"), r.address or "-", qos, ports, igmp)
+            str(r.version or "-"), r.address or "-", qos, ports, igmp, gateway)
 
 
 def render(rows: list[tuple[str, ...]], header: tuple[str, ...]) -> str:
@@ -29,6 +35,16 @@ def device_table(records: list[DeviceRecord]) -> str:
     if not records:
         return "no devices registered yet"
     return render([_row(r) for r in records], COLUMNS)
+
+
+def _item_lines(results: list[ItemResult]) -> list[str]:
+    return [f"  {x.item:<24} {x.status.value}{' - ' + x.detail if x.detail else ''}" for x in results]
+
+
+def device_json(r: DeviceRecord) -> dict[str, Any]:
+    """The record for scripts: everything but the raw signed config payload (the config is there parsed)."""
+    return {**r.model_dump(mode="json", exclude={"config_payload"}), "address": r.address or None,
+            "version": r.version}
 
 
 def device_detail(r: DeviceRecord) -> str:
@@ -50,6 +66,8 @@ def device_detail(r: DeviceRecord) -> str:
         lines += [f"  {i.target.value:<8} {i.model_dump_json(exclude={'target'})}" for i in r.config.items]
     if r.result:
         lines.append(f"result      version {r.result.version}: {r.result.status.value}")
-        lines += [f"  {x.item:<24} {x.status.value}{' - ' + x.detail if x.detail else ''}"
-                  for x in r.result.items]
+        lines += _item_lines(r.result.items)
+    if r.gateway:
+        lines.append("gateway     " + ("failed" if any(x.status == ItemStatus.FAILED for x in r.gateway) else "ok"))
+        lines += _item_lines(r.gateway)
     return "\n".join(lines)

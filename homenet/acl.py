@@ -11,11 +11,16 @@ dynamic-security provisioning both render these rules).
   register/reply, which carries their broker password, and the command replies, which carry
   new operator passwords), publish nothing.
 - operator: read everything but devices' register/reply, and publish configurator commands.
+  Home Assistant logs in with an operator account: it also reads and writes its discovery
+  tree (its birth message) and presses the buttons the configurator announced there.
+- configurator: also Home Assistant's discovery tree (configurator/extensions/homeassistant.py).
 
 The rules are one table, `RULES`: the `may_*` functions below read it, and so does
 `homenet.configurator.dynsec`, which turns it into Mosquitto roles. Entries are topics
 relative to the root; `TREE` is the whole tree (the root and everything under it) and
-`{id}` stands for the client's own device id.
+`{id}` stands for the client's own device id; `+` and a final `#` are MQTT's wildcards. An
+entry starting with `/` is an absolute topic, outside the root: `HOME_ASSISTANT`, Home
+Assistant's discovery tree under its default prefix.
 """
 
 from __future__ import annotations
@@ -39,6 +44,9 @@ DEVICE_READ = ("config", "register/reply", "rpc")
 
 TREE = "#"
 OWN = "{id}"
+OUTSIDE = "/"
+HOME_ASSISTANT = "/homeassistant/#"
+HA_PRESS = "ha/+/press"
 
 
 def own(*channels: str) -> tuple[str, ...]:
@@ -61,11 +69,12 @@ SECRETS = ("device/+/register/reply", "configurator/command/reply")
 
 
 RULES: dict[Role, Rules] = {
-    Role.CONFIGURATOR: Rules(publish=(TREE,), receive=(TREE,), any_filter=True),
+    Role.CONFIGURATOR: Rules(publish=(TREE, HOME_ASSISTANT), receive=(TREE, HOME_ASSISTANT), any_filter=True),
     Role.DEVICE: Rules(publish=own(*DEVICE_PUBLISH), receive=("configurator/state", *own(*DEVICE_READ))),
     Role.UNKNOWN: Rules(publish=own("register", "status"), receive=("configurator/state", *own("register/reply"))),
     Role.READER: Rules(publish=(), receive=(TREE,), any_filter=True, withheld=SECRETS),
-    Role.OPERATOR: Rules(publish=("configurator/command",), receive=(TREE,), any_filter=True,
+    Role.OPERATOR: Rules(publish=("configurator/command", HA_PRESS, HOME_ASSISTANT),
+                         receive=(TREE, HOME_ASSISTANT), any_filter=True,
                          withheld=SECRETS[:1]),
 }
 
@@ -73,6 +82,8 @@ RULES: dict[Role, Rules] = {
 def render(entry: str, topics: Topics, name: str) -> str:
     """An entry as an MQTT topic filter: `TREE` is `{root}/#`, `{id}` becomes `name` (a device
     id, or a broker's substitution pattern such as Mosquitto's `%c`)."""
+    if entry.startswith(OUTSIDE):
+        return entry[len(OUTSIDE):]
     return f"{topics.root}/#" if entry == TREE else f"{topics.root}/{entry.replace(OWN, name)}"
 
 
@@ -91,7 +102,7 @@ def _allowed(entries: tuple[str, ...], topics: Topics, name: str, topic: str) ->
                 check_device_id(name)
             except TopicError:
                 continue
-        if topic == render(entry, topics, name):
+        if _matches(render(entry, topics, name), topic):
             return True
     return False
 
@@ -101,8 +112,11 @@ def may_publish(role: Role, name: str, topics: Topics, topic: str) -> bool:
 
 
 def _matches(topic_filter: str, topic: str) -> bool:
-    """MQTT matching for the `+` single-level wildcard (all `withheld` needs)."""
+    """MQTT matching: `+` one level, a final `#` the rest (and the level above it)."""
     want, have = topic_filter.split("/"), topic.split("/")
+    if want[-1] == "#":
+        want = want[:-1]
+        return len(have) >= len(want) and all(w in ("+", h) for w, h in zip(want, have))
     return len(want) == len(have) and all(w in ("+", h) for w, h in zip(want, have))
 
 

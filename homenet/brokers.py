@@ -33,15 +33,38 @@ class BrokerHandle(Protocol):
     def stop(self) -> None: ...
 
 
-def wait_listening(port: int, timeout: float = 10.0) -> None:
+def wait_listening(port: int, timeout: float = 10.0, host: str = "127.0.0.1") -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         try:
-            socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            socket.create_connection((host, port), timeout=0.5).close()
             return
         except OSError:
             time.sleep(0.05)
-    raise TimeoutError(f"nothing listening on 127.0.0.1:{port} after {timeout}s")
+    raise TimeoutError(f"nothing listening on {host}:{port} after {timeout}s")
+
+
+def mosquitto_conf(listeners: list[tuple[str, int, bool]], max_payload: int, log_path: Path | None,
+                   tls: tuple[Path, Path] | None = None, security: str = "") -> str:
+    """A mosquitto.conf: `listeners` (host, port, speaks TLS with `tls`: certfile, keyfile);
+    anonymous clients allowed (`security`, e.g. the dynamic-security lines, then decides what
+    they may do); no persistence, like the embedded broker; TCP_NODELAY on; the log to
+    `log_path`, or to stderr (errors and warnings only) when None."""
+    def listener(host: str, port: int, secure: bool) -> str:
+        cert = f"certfile {tls[0]}\nkeyfile {tls[1]}\n" if secure and tls else ""
+        return f"listener {port} {host}\n{cert}"
+
+    return ("".join(listener(*bind) for bind in listeners)
+            + "allow_anonymous true\npersistence false\n"
+            f"message_size_limit {max_payload}\nmax_queued_messages 100000\n"
+            # off by default in 2.0: back-to-back small packets then wait ~40 ms for a delayed ACK
+            "set_tcp_nodelay true\n"
+            # with dynsec, still allow_anonymous: anonymous clients are unknown devices, with the
+            # rights of the plugin's anonymous group and the acl_file patterns
+            + security
+            # to stderr (a gateway's journal) not the notices: a line per connection
+            + (f"log_dest file {log_path}\nlog_type notice\n" if log_path else "log_dest stderr\n")
+            + "log_type error\nlog_type warning\n")
 
 
 class Mosquitto:
@@ -50,11 +73,12 @@ class Mosquitto:
     """Not `admin`: that is homenet's own operator account (configurator/app.py)."""
 
     def __init__(self, port: int | None = None, max_payload: int = 256 * 1024, dynsec: bool = False,
-                 root: str | None = None, tls: bool = False) -> None:
+                 root: str | None = None, tls: bool = False, user: str | None = None) -> None:
         """`dynsec`: with the dynamic-security plugin, an admin login in `self.admin`, and the
         `acl_file` patterns for unknown devices under topic root `root` (the default one).
         `tls`: the listener speaks TLS only, with a certificate made as the gateway makes its
-        own (`cafile`, `fingerprint`)."""
+        own (`cafile`, `fingerprint`). `user` (as root): Mosquitto drops to that user, as
+        Debian's service does, its files handed to it as docs/security.md's recipe says."""
         self.port = port or free_port()
         self.url = f"{'mqtts' if tls else 'mqtt'}://127.0.0.1:{self.port}"
         self.max_payload = max_payload
@@ -72,6 +96,7 @@ class Mosquitto:
         self.root = root
         self.dynsec_file = self._dir / "dynsec.json"
         self.admin: tuple[str, str] | None = (self.DYNSEC_ADMIN, secrets.token_urlsafe(24)) if dynsec else None
+        self.user = user
 
     @staticmethod
     def binary() -> str | None:
@@ -111,10 +136,16 @@ class Mosquitto:
         if missing:
             raise FileNotFoundError(f"{missing} is not installed (Debian package 'mosquitto')")
         assert self.admin is not None
-        subprocess.run([str(self.ctrl()), "dynsec", "init", str(self.dynsec_file), *self.admin],
-                       check=True, capture_output=True, timeout=30)
+        if not self.dynsec_file.exists():  # kept across a restart
+            subprocess.run([str(self.ctrl()), "dynsec", "init", str(self.dynsec_file), *self.admin],
+                           check=True, capture_output=True, timeout=30)
         acl = self._dir / "acl"
         acl.write_text(unknown_acl_file(Topics(self.root) if self.root else Topics()))
+        if self.user:  # the recipe: the plugin's file (it saves every change) belongs to the broker
+            for path in (self._dir, self.dynsec_file):
+                shutil.chown(path, self.user, self.user)
+            return (f"user {self.user}\nplugin {self.dynsec_plugin()}\nplugin_opt_config_file {self.dynsec_file}\n"
+                    f"acl_file {acl}\n")
         # As root, mosquitto would switch to user `mosquitto`, which may not write the plugin's
         # file (it saves every change) in this root-owned temp dir.
         user = "user root\n" if os.geteuid() == 0 else ""
@@ -126,16 +157,9 @@ class Mosquitto:
         if binary is None:
             raise FileNotFoundError("mosquitto is not installed (Debian package 'mosquitto')")
         conf = self._dir / "mosquitto.conf"
-        conf.write_text(
-            f"listener {self.port} 127.0.0.1\nallow_anonymous true\npersistence false\n"
-            + (f"certfile {self.cafile}\nkeyfile {self._dir / 'broker-key.pem'}\n" if self.cafile else "") +
-            f"message_size_limit {self.max_payload}\nmax_queued_messages 100000\n"
-            # off by default in 2.0: back-to-back small packets then wait ~40 ms for a delayed ACK
-            "set_tcp_nodelay true\n"
-            # with dynsec, still allow_anonymous: anonymous clients are unknown devices, with the
-            # rights of the plugin's anonymous group and the acl_file patterns
-            + (self._dynsec_conf() if self.dynsec else "")
-            + f"log_dest file {self.log_path}\nlog_type error\nlog_type warning\nlog_type notice\n")
+        conf.write_text(mosquitto_conf([("127.0.0.1", self.port, self.cafile is not None)], self.max_payload, self.log_path,
+                                       (self.cafile, self._dir / "broker-key.pem") if self.cafile else None,
+                                       self._dynsec_conf() if self.dynsec else ""))
         self.proc = subprocess.Popen([binary, "-c", str(conf)], stdout=subprocess.DEVNULL,
                                      stderr=subprocess.DEVNULL)
         try:
@@ -145,6 +169,11 @@ class Mosquitto:
             raise
 
     def stop(self) -> None:
+        self.halt()
+        shutil.rmtree(self._dir, ignore_errors=True)
+
+    def halt(self) -> None:
+        """Stop the process, keeping its files (`start` again is a restart)."""
         if self.proc and self.proc.poll() is None:
             self.proc.terminate()
             try:
@@ -152,7 +181,6 @@ class Mosquitto:
             except subprocess.TimeoutExpired:
                 self.proc.kill()
                 self.proc.wait()
-        shutil.rmtree(self._dir, ignore_errors=True)
 
 
 class Embedded:
@@ -161,7 +189,8 @@ class Embedded:
     name = "amqtt"
 
     def __init__(self, port: int | None = None, max_payload: int = 256 * 1024,
-                 accounts_file: Path | None = None) -> None:
+                 accounts_file: Path | None = None, **settings: object) -> None:
+        """`settings`: more BrokerSettings (e.g. `connect_timeout`, `max_connections`)."""
         from homenet.broker.server import BrokerThread
         from homenet.schemas import Topics
         from homenet.settings import BrokerSettings
@@ -171,7 +200,7 @@ class Embedded:
         self.cafile: Path | None = None
         self.fingerprint: str | None = None
         self._thread = BrokerThread(BrokerSettings(listeners=[f"127.0.0.1:{self.port}"], max_payload=max_payload,
-                                                   accounts_file=accounts_file), Topics())
+                                                   accounts_file=accounts_file, **settings), Topics())
 
     def start(self) -> None:
         self._thread.start()  # returns once amqtt listens

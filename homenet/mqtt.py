@@ -8,7 +8,10 @@ from __future__ import annotations
 
 import logging
 import socket
+from collections.abc import Iterator
+from contextlib import contextmanager
 import ssl
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlsplit
@@ -30,13 +33,19 @@ class BrokerUrl:
     @classmethod
     def parse(cls, url: str) -> "BrokerUrl":
         """Accept mqtt://host[:port], mqtts://host[:port], [v6addr]:port or host:port."""
+        typed = url
         if "://" not in url:
+            if "/" in url:  # e.g. `mqtt//host` or `mqtt:/host`: a scheme mistyped, not a host name
+                raise ValueError(f"broker URL {typed!r} is not mqtt://HOST[:PORT] (is a ':' or '/' missing "
+                                 "after the scheme?)")
             url = "mqtt://" + url
         parts = urlsplit(url)
         if parts.scheme not in ("mqtt", "mqtts", "tcp"):
             raise ValueError(f"broker URL {url!r}: scheme must be mqtt:// or mqtts://")
         if not parts.hostname:
             raise ValueError(f"broker URL {url!r} has no host")
+        if parts.path not in ("", "/") or parts.query or parts.fragment:
+            raise ValueError(f"broker URL {typed!r}: nothing may follow HOST[:PORT]")
         try:
             port = parts.port
         except ValueError:
@@ -83,6 +92,30 @@ def make_client(client_id: str, *, clean_session: bool = False,
         client.username_pw_set(username, password)
     if will:
         client.will_set(will[0], will[1], qos=1, retain=True)
-    client.on_connect_fail = lambda _c, _u: log.warning(
-        "%s cannot reach the broker; retrying with backoff", client_id)
+    client.on_connect_fail = lambda c, _u: _connect_failed(c, client_id, cafile is not None)
     return client
+
+
+def _connect_failed(client: paho.Client, client_id: str, tls: bool) -> None:
+    """One line naming the broker and the cause; paho calls this inside its `except OSError`,
+    so the exception being handled is the cause (it passes no argument for it)."""
+    cause = sys.exc_info()[1]
+    url = BrokerUrl(client.host, client.port, tls)
+    log.warning("%s cannot reach the broker at %s: %s; retrying with backoff", client_id, url,
+                getattr(cause, "strerror", None) or cause or "connection failed")
+
+
+@contextmanager
+def session(client: paho.Client, broker: BrokerUrl) -> Iterator[paho.Client]:
+    """A short-lived client connected (its loop running) for the `with` block: a command, a watch.
+    An unreachable broker is a ConnectionError naming it."""
+    try:
+        client.connect(broker.host, broker.port, keepalive=30)
+    except OSError as exc:
+        raise ConnectionError(f"cannot reach the broker at {broker}: {exc}") from None
+    client.loop_start()
+    try:
+        yield client
+    finally:
+        client.disconnect()
+        client.loop_stop()

@@ -20,12 +20,21 @@ class SequenceCounter:
         self._next = reserved + 1
         self._ceiling = reserved
 
+    def _reserve(self) -> None:
+        if self._next > self._ceiling:
+            ceiling = self._next + self._block - 1
+            self._persist(ceiling)  # durable first: if it fails, no number above the old one
+            self._ceiling = ceiling
+
+    def reserve(self) -> None:
+        """Reserve the next block now if none is left (e.g. before connecting), so the first
+        message after the CONNACK does not wait for a disk sync."""
+        with self._lock:
+            self._reserve()
+
     def next(self) -> int:
         with self._lock:
-            if self._next > self._ceiling:
-                ceiling = self._next + self._block - 1
-                self._persist(ceiling)  # durable first: if it fails, no number above the old one
-                self._ceiling = ceiling
+            self._reserve()
             value = self._next
             self._next += 1
             return value

@@ -45,3 +45,12 @@ def pairing_code(public: bytes) -> str:
     """Six digits derived from a device's key, shown by the device, typed by its owner."""
     number = int.from_bytes(hashlib.sha256(b"homenet-pairing:" + public).digest()[:8], "big") % 1_000_000
     return f"{number // 1000:03d}-{number % 1000:03d}"
+
+
+def canonical_pairing_code(typed: str) -> str:
+    """The code as `pairing_code` writes it, from what an owner types: `229670`, `229-670` and
+    `229 670` are the same code. ValueError when it is not six digits."""
+    digits = "".join(c for c in typed if c not in " -")
+    if len(digits) != 6 or not digits.isdigit():
+        raise ValueError(f"pairing code {typed!r} is not six digits (e.g. 229-670, as the device shows it)")
+    return f"{digits[:3]}-{digits[3:]}"

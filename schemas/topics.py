@@ -75,6 +75,15 @@ class Topics:
     def gateway_state(self) -> str:
         return f"{self.root}/gateway/state"
 
+    def gateway_device(self, device_id: str) -> str:
+        """What the gateway has set for one device (retained)."""
+        return f"{self.root}/gateway/device/{check_device_id(device_id)}"
+
+    @property
+    def gateway_devices(self) -> str:
+        """Subscription filter for every device's `gateway_device` topic."""
+        return f"{self.root}/gateway/device/+"
+
     @property
     def events(self) -> str:
         return f"{self.root}/events"

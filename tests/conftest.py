@@ -8,6 +8,9 @@ from __future__ import annotations
 
 import os
 import shutil
+import subprocess
+import sys
+import tempfile
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -24,7 +27,7 @@ IN_CI = os.environ.get("CI", "").lower() in ("1", "true", "yes")
 PACKAGES = {"mosquitto_sub": "mosquitto-clients", "mosquitto_pub": "mosquitto-clients", "ping": "iputils-ping",
             "nft": "nftables", "tc": "iproute2", "miniupnpd": "miniupnpd-nftables", "dnsmasq": "dnsmasq-base",
             "NetworkManager": "network-manager", "nmcli": "network-manager", "mosquitto_ctrl": "mosquitto",
-            "mosquitto_dynamic_security.so": "mosquitto"}
+            "mosquitto_dynamic_security.so": "mosquitto", "node": "nodejs", "systemd-analyze": "systemd"}
 
 
 def require_program(name: str, path: str | None = None) -> str:
@@ -84,3 +87,41 @@ def started() -> Iterator[list[Process]]:
     yield procs
     for p in procs:
         p.kill()
+
+
+NOBODY = ("--reuid=65534", "--regid=65534", "--clear-groups")
+
+
+@pytest.fixture
+def as_nobody() -> list[str]:
+    """A command prefix that drops to an unprivileged user."""
+    setpriv = shutil.which("setpriv")
+    if os.geteuid() != 0 or setpriv is None:
+        if IN_CI:
+            pytest.fail("CI runs as root with util-linux setpriv; this test must run there")
+        pytest.skip("needs root and setpriv to drop privileges")
+    probe = subprocess.run([setpriv, *NOBODY, sys.executable, "-c", "import homenet.agent.cli"],
+                           capture_output=True, text=True)
+    if probe.returncode != 0:
+        pytest.fail(f"the virtualenv is not readable by an unprivileged user: {probe.stderr.strip()}")
+    return [setpriv, *NOBODY]
+
+
+def _outside_tmp_path(mode: int) -> Iterator[Path]:
+    """A directory the unprivileged user can reach (pytest's tmp_path parents are 0700)."""
+    path = Path(tempfile.mkdtemp(prefix="homenet-shared-"))
+    path.chmod(mode)
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
+@pytest.fixture
+def nobody_dir() -> Iterator[Path]:
+    """A directory everyone may write."""
+    yield from _outside_tmp_path(0o777)
+
+
+@pytest.fixture
+def root_only_dir() -> Iterator[Path]:
+    """A directory everyone may enter and read, and only root may write."""
+    yield from _outside_tmp_path(0o755)

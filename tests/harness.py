@@ -14,13 +14,16 @@ from homenet.agent.app import build as build_agent
 from homenet.agent.service import Agent
 from homenet.brokers import BrokerHandle
 from homenet.configurator.app import ADMIN, ADMIN_SECRET, build as build_configurator, db_path
+from homenet.configurator.extensions import Extensions
+from homenet.configurator.gatewaystate import merge
 from homenet.configurator.lifecycle import State
 from homenet.configurator.records import DeviceRecord
 from homenet.configurator.service import Configurator
 from homenet.configurator.store import SqliteStore
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import Topics
-from homenet.settings import AgentSettings, ConfiguratorSettings, LanSettings
+from homenet.schemas.messages import GatewayDevice, GatewaySummary
+from homenet.settings import AgentSettings, ConfiguratorSettings, GatewaySettings, LanSettings
 
 
 def wait_until(predicate: Callable[[], Any], timeout: float = 15.0, what: str = "condition") -> Any:
@@ -96,6 +99,22 @@ def retained(url: str, wanted: int, timeout: float = 20.0,
             raise AssertionError(f"{wanted} retained messages wanted, got {sorted(found)}")
 
 
+def gateway_view(messages: list[tuple[str, bytes, bool]], topics: Topics) -> dict[str, Any] | None:
+    """The whole gateway state, as `merge` puts together the latest `gateway/state` and every
+    device's `gateway/device/{id}` seen (an empty payload deletes one); None before a summary."""
+    summary, devices = None, {}
+    prefix = topics.gateway_devices[:-1]
+    for topic, payload, _ in messages:
+        if topic == topics.gateway_state:
+            summary = GatewaySummary.model_validate(json.loads(payload)["body"])
+        elif topic.startswith(prefix):
+            if payload:
+                devices[topic[len(prefix):]] = GatewayDevice.model_validate(json.loads(payload)["body"])
+            else:
+                devices.pop(topic[len(prefix):], None)
+    return merge(summary, devices.values()).model_dump(mode="json") if summary else None
+
+
 def load_records(data_dir: Path) -> dict[str, DeviceRecord]:
     """The configurator's database as a fresh reader sees it (it must always load)."""
     store = SqliteStore(db_path(data_dir), read_only=True)
@@ -110,10 +129,13 @@ class Gateway:
 
     def __init__(self, broker: BrokerHandle, tmp: Path, lan: LanSettings | None = None,
                  accounts_file: Path | None = None, enrollment: str = "auto",
-                 dynsec_admin: tuple[str, str] | None = None, **settings: Any) -> None:
+                 dynsec_admin: tuple[str, str] | None = None, extensions: GatewaySettings | None = None,
+                 **settings: Any) -> None:
         """With `accounts_file` (the one the broker reads), or with Mosquitto's `dynsec_admin`
         login, the configurator issues accounts and the watcher logs in as the gateway's local
-        operator. `settings`: more ConfiguratorSettings (e.g. `reconcile_interval`)."""
+        operator. `extensions`: the extensions' settings (its `configurator` section is
+        replaced), started around the configurator as `gateway run` does. `settings`: more
+        ConfiguratorSettings (e.g. `reconcile_interval`)."""
         self.broker = broker
         self.tmp = tmp
         self.lan = lan or LanSettings()
@@ -121,6 +143,8 @@ class Gateway:
         self.dynsec_admin = dynsec_admin
         self.enrollment = enrollment
         self.settings = settings
+        self.extension_settings = extensions
+        self.extensions: Extensions | None = None
         self.topics = Topics()
         self.configurator: Configurator | None = None
         self.agents: list[Agent] = []
@@ -148,6 +172,10 @@ class Gateway:
             enrollment=self.enrollment, broker_cafile=self.broker.cafile, **dynsec, **self.settings))
         if self.watcher is None:
             self.watcher = Watcher(self.broker.url, self.topics, self.admin, self.broker.cafile)
+        if self.extension_settings is not None:
+            self.extensions = Extensions(self.configurator, self.extension_settings.model_copy(
+                update={"configurator": self.configurator.settings}))
+            self.extensions.start()
         self.configurator.start()
         wait_until(self.configurator.connected.is_set, what="configurator connected")
         return self.configurator
@@ -162,6 +190,8 @@ class Gateway:
     def stop(self) -> None:
         if self.configurator:
             self.configurator.stop()
+            if self.extensions:
+                self.extensions.stop()
             self.configurator.store.close()
             self.configurator = None
 

@@ -23,6 +23,7 @@ import re
 import secrets
 import shutil
 import subprocess
+import sys
 from types import TracebackType
 from typing import Any
 
@@ -47,6 +48,21 @@ def _netns_problem() -> str | None:
         return f"`ip netns add` does not work here: {added.stderr.strip()}"
     subprocess.run(["ip", "netns", "del", probe], capture_output=True)
     return None
+
+
+@functools.cache
+def multicast_routing_problem() -> str | None:
+    """Why this kernel cannot route multicast (igmpproxy's MRT_INIT fails), or None. Asked once
+    per run with the gateway's own probe, in a throwaway namespace (MRT_INIT is per namespace)."""
+    require_netns()
+    probe = f"hn{secrets.token_hex(3)}-mroute"
+    _run(["ip", "netns", "add", probe])
+    try:
+        said = _run(["ip", "netns", "exec", probe, sys.executable, "-c",
+                     "from homenet.configurator.drivers.igmpproxy import kernel_problem; print(kernel_problem() or '')"])
+    finally:
+        _run(["ip", "netns", "del", probe], check=False)
+    return said.stdout.strip() or None
 
 
 def require_netns() -> None:

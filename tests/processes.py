@@ -11,10 +11,10 @@ from pathlib import Path
 class Process:
     """One program started by a test, its output in a file; killed by its PID at the end."""
 
-    def __init__(self, log: Path, *args: str) -> None:
+    def __init__(self, log: Path, *args: str, env: dict[str, str] | None = None) -> None:
         self.log = log
         with open(log, "ab") as out:
-            self.proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(list(args), stdout=out, stderr=subprocess.STDOUT, env=env)
 
     def kill(self) -> None:
         """SIGKILL: no handler runs, nothing is flushed or said goodbye to."""

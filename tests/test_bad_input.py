@@ -147,3 +147,20 @@ def test_payload_over_the_broker_limit_never_reaches_the_configurator(
     assert not [e for e in gateway.watcher.events() if e.get("sender") == "test-nas"]
     assert gateway.database_digest() == before
     assert_still_serving(gateway)
+
+
+def test_the_json_validation_holes_are_rejected_never_internal_errors(configured_nas: Gateway,
+                                                                     mosquitto_pub: str) -> None:
+    """Issue 11, point 9, through a real broker: each payload of tests/test_strict_json.py is a
+    `message.rejected` with its reason; none is an `internal.error`; nothing is stored."""
+    from .test_strict_json import HOLES
+
+    gateway = configured_nas
+    for payload, _ in HOLES.values():
+        subprocess.run([mosquitto_pub, "-h", "127.0.0.1", "-p", str(gateway.broker.port), "-q", "1",
+                        "-t", f"{ROOT}/device/dev-1/register", "-s"], input=payload, check=True, timeout=10)
+    for _, reason in HOLES.values():
+        gateway.watcher.wait_event("message.rejected", reason=reason.split(":")[0])
+    assert not [e for e in gateway.watcher.events() if e["event"] == "internal.error"]
+    assert_still_serving(gateway)
+    assert gateway.record("dev-1") is None

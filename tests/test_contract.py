@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from homenet.schemas import (DEFAULT_ROOT, MAX_PAYLOAD, ContractError, Envelope, Topics, TopicError,
                              canonical, check_device_id, decode, encode)
 from homenet.schemas.messages import (Command, CommandReply, BODIES, Config, ConfigResult, ConfiguratorState, DeviceInfo,
-                                      Event, GatewayState, IgmpItem, Interface, Ipv4Item, ItemResult,
+                                      Event, GatewayDevice, GatewaySummary, IgmpItem, Interface, Ipv4Item, ItemResult,
                                       ItemStatus, PortMapping, PortMappingItem, QosClass, QosItem,
                                       QosRule, RegisterReply, RegisterStatus, Reservation, ResultStatus,
                                       Rpc, RpcReply, Severity, item_key)
@@ -47,11 +47,12 @@ SAMPLES = {
     "info": STB.model_copy(update={"applied_version": 4}),
     "rpc": Rpc(method="refresh", params={"full": True}),
     "rpc.reply": RpcReply(re="abc", ok=False, error="not supported", result={"n": 1}),
-    "gateway.state": GatewayState(
-        driver="memory", lan="192.168.1.0/24", igmp_proxy=True, igmp_devices=["stb-1"],
-        reservations=[Reservation(device_id="stb-1", mac="02:00:00:00:00:01", address=IPv4Address("192.168.1.2"))],
-        port_mappings=[PortMapping(device_id="nas-1", protocol="tcp", external_port=443,
-                                   internal_address=IPv4Address("192.168.1.3"), internal_port=443)],
+    "gateway.state": GatewaySummary(driver="memory", lan="192.168.1.0/24", igmp_proxy=True, devices=2),
+    "gateway.device": GatewayDevice(
+        device_id="stb-1", igmp=True,
+        reservation=Reservation(device_id="stb-1", mac="02:00:00:00:00:01", address=IPv4Address("192.168.1.2")),
+        port_mappings=[PortMapping(device_id="stb-1", protocol="tcp", external_port=443,
+                                   internal_address=IPv4Address("192.168.1.2"), internal_port=443)],
         qos=[QosRule(device_id="stb-1", address=IPv4Address("192.168.1.2"), qos_class=QosClass.VIDEO, dscp=32)]),
     "event": Event(event="register.rejected", severity=Severity.WARNING, device_id="x-1",
                    topic="homenet/v1/device/x-1/register", sender="x-1", reason="bad body",
@@ -286,6 +287,8 @@ def test_fixed_topics_under_the_default_root():
     assert topics.root == DEFAULT_ROOT == "homenet/v1"
     assert topics.configurator_state == "homenet/v1/configurator/state"
     assert topics.gateway_state == "homenet/v1/gateway/state"
+    assert topics.gateway_device("stb-1") == "homenet/v1/gateway/device/stb-1"
+    assert topics.gateway_devices == "homenet/v1/gateway/device/+"
     assert topics.events == "homenet/v1/events"
     assert topics.all == "homenet/v1/#"
 
@@ -417,8 +420,30 @@ def test_canonical_keeps_list_order():
 
 
 def test_canonical_round_trips_through_json():
-    obj = {"z": [1, {"k": True}], "a": "ünïcode", "n": None, "f": 1.5}
+    obj = {"z": [1, {"k": True}], "a": "ünïcode", "n": None, "i": -7}
     assert json.loads(canonical(obj)) == obj
+
+
+def test_canonical_is_rfc8785_sorting_keys_by_utf16_code_units():
+    # "\U0001f600" (UTF-16 D83D DE00) sorts before "\ufb01" (FB01) in JCS, after it by code point
+    assert canonical({"\ufb01": 1, "\U0001f600": 2}) == '{"\U0001f600":2,"\ufb01":1}'.encode()
+
+
+def test_canonical_refuses_floats_anywhere():
+    with pytest.raises(ContractError, match=r"detail.x\[1\]: 1.5 is not an integer"):
+        canonical({"detail": {"x": [1, 1.5]}})
+
+
+def test_canonical_refuses_integers_beyond_the_safe_range():
+    with pytest.raises(ContractError, match="RFC 8785"):
+        canonical({"n": 2 ** 53})
+
+
+def test_a_received_float_is_refused_with_the_field_named():
+    raw = envelope()
+    raw["body"] = {"method": "ping", "params": {"timeout": 1.5}}
+    with pytest.raises(ContractError, match="body.params.timeout: 1.5 is not an integer"):
+        decode(json.dumps(raw).encode())
 
 
 def test_canonical_is_stable_across_calls():

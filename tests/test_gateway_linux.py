@@ -20,7 +20,7 @@ from homenet.schemas.messages import GatewayState, PortMapping, QosClass, QosRul
 
 from .conftest import require_program
 from .gatewaylab import (TCP_SERVER, WAN_GW, WAN_HOST, foreign_ruleset, nft_rules, record_of,
-                         start_linux_home)
+                         multicast_unroutable, start_linux_home)
 from .harness import wait_until
 from .netns import Lab
 
@@ -152,6 +152,8 @@ def test_iptv_stb_gets_its_reservation_video_priority_and_multicast(lab: Lab, tm
     assert f"homenet {record.device_id} qos" in _comments(nft_rules(home.gw))
 
     # the IGMP proxy: a stream from the WAN reaches the STB once it joins the group
+    if problem := multicast_unroutable(home, record.device_id):
+        pytest.skip(problem)
     assert "phyint wan0 upstream" in (tmp_path / "igmpproxy.conf").read_text()
     home.wan.popen(sys.executable, "-c", SENDER, "239.10.0.1", "5004", WAN_HOST)
     received = stb.run(sys.executable, "-c", RECEIVER, "239.10.0.1", "5004", str(record.address), timeout=20)

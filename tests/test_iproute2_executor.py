@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from typing import Any
 import pytest
 
 from homenet.agent.app import open_device
+from homenet.agent.dns import RESOLV_CONF, read_file
 from homenet.agent.executor import SimulatedExecutor
 from homenet.agent.safeapply import apply_safely
 from homenet.agent.service import Agent
@@ -42,12 +44,13 @@ RUNNER = """
 import json, sys
 from pathlib import Path
 from pydantic import TypeAdapter
+from homenet.agent.dns import detect
 from homenet.agent.iproute2 import Iproute2Executor
 from homenet.agent.safeapply import apply_safely
 from homenet.schemas.messages import ConfigItem
 
 request = json.load(sys.stdin)
-executor = Iproute2Executor(Path(request["resolv_conf"]))
+executor = Iproute2Executor(detect(Path(request["resolv_conf"]) if request["resolv_conf"] else None))
 items = TypeAdapter(list[ConfigItem]).validate_python(request["items"])
 if request["op"] == "safe":
     results = apply_safely(executor, items, [tuple(e) for e in request["endpoints"]], request["deadline"])
@@ -75,12 +78,15 @@ class Lan:
     dev: Namespace
     resolv: Path
 
-    def execute(self, op: str, *items: Any, **extra: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
-        """Run the executor in the device namespace: `apply`, `rollback` (checkpoint, apply,
-        rollback) or `safe` (apply_safely with `endpoints` and `deadline`)."""
-        request = {"op": op, "resolv_conf": str(self.resolv),
+    def execute(self, op: str, *items: Any, resolv: Path | None | str = "lan", prefix: tuple[str, ...] = (),
+                **extra: Any) -> tuple[list[dict[str, str]], dict[str, Any]]:
+        """Run the executor in the device namespace (under `prefix`, e.g. setpriv): `apply`,
+        `rollback` (checkpoint, apply, rollback) or `safe` (apply_safely with `endpoints` and
+        `deadline`); DNS goes to `resolv` (the lab's file; None: the host's way)."""
+        resolv = self.resolv if resolv == "lan" else resolv
+        request = {"op": op, "resolv_conf": str(resolv) if resolv else None,
                    "items": [i.model_dump(mode="json") for i in items], **extra}
-        out = json.loads(self.dev.run(sys.executable, "-c", RUNNER, input=json.dumps(request)).stdout)
+        out = json.loads(self.dev.run(*prefix, sys.executable, "-c", RUNNER, input=json.dumps(request)).stdout)
         return out["results"], out["in_force"]
 
     def state(self) -> dict[str, Any]:
@@ -185,6 +191,51 @@ def test_rollback_restores_addresses_route_and_resolv_conf_exactly(lan: Lan, tmp
 
     assert results[0]["status"] == "applied"
     assert lan.state() == before
+
+
+# --- DNS the host's way ------------------------------------------------------------------------
+
+def test_under_ip_netns_exec_the_hosts_resolv_conf_is_never_touched(lan: Lan) -> None:
+    host = read_file(RESOLV_CONF)
+    results, in_force = lan.execute("apply", ITEM, resolv=None)
+
+    assert results[0]["status"] == "applied"
+    assert results[0]["detail"] == (f"address and route set; DNS not set (none): running in network namespace "
+                                    f"{lan.dev}: the host's /etc/resolv.conf is left alone (create "
+                                    f"/etc/netns/{lan.dev}/resolv.conf for this namespace's own, or set resolv_conf)")
+    assert lan.dev.ipv4("eth0") == ["192.168.50.20/24"]
+    assert in_force["ipv4"]["dns"] == []
+    assert read_file(RESOLV_CONF) == host
+
+
+def test_under_ip_netns_exec_the_namespaces_own_resolv_conf_is_written(lan: Lan) -> None:
+    own = Path("/etc/netns") / str(lan.dev) / "resolv.conf"
+    own.parent.mkdir(parents=True)
+    try:
+        own.write_text("search home.arpa\n")
+        host = read_file(RESOLV_CONF)
+        results, in_force = lan.execute("apply", ITEM, resolv=None)
+        assert results == [{"item": "ipv4", "status": "applied", "detail": ""}]
+        assert own.read_text() == "search home.arpa\nnameserver 192.168.50.1\nnameserver 2001:db8::53\n"
+        assert in_force["ipv4"]["dns"] == ["192.168.50.1", "2001:db8::53"]
+        assert read_file(RESOLV_CONF) == host
+    finally:
+        shutil.rmtree(own.parent)
+
+
+def test_dns_that_cannot_be_written_costs_neither_the_address_nor_the_route(lan: Lan, as_nobody: list[str],
+                                                                            root_only_dir: Path) -> None:
+    """As under the shipped unit: a non-root user with ambient CAP_NET_ADMIN, /etc not writable."""
+    resolv = root_only_dir / "resolv.conf"
+    resolv.write_text("nameserver 192.168.50.1\n")
+    unit_like = (*as_nobody, "--inh-caps=+net_admin", "--ambient-caps=+net_admin")
+    results, in_force = lan.execute("apply", ITEM, resolv=resolv, prefix=unit_like)
+    assert results == [{"item": "ipv4", "status": "applied", "detail": (
+        f"address and route set; DNS not set (file): writing {resolv}: Permission denied")}]
+    assert lan.dev.ipv4("eth0") == ["192.168.50.20/24"]
+    assert [(r["gateway"], r["dev"]) for r in lan.dev.routes("default")] == [("192.168.50.1", "eth0")]
+    assert resolv.read_text() == "nameserver 192.168.50.1\n"
+    assert in_force["ipv4"]["dns"] == ["192.168.50.1"]
 
 
 # --- safe apply --------------------------------------------------------------------------------

@@ -59,3 +59,29 @@ def test_generation_is_deterministic():
 
 def test_committed_schema_dir_exists():
     assert COMMITTED, f"no schema files in {SCHEMA_DIR}: {REGENERATE}"
+
+
+def _properties(schema: dict, where: str):
+    """(path, property schema) of every field of the schema and of its definitions."""
+    for name, prop in schema.get("properties", {}).items():
+        yield f"{where}.{name}", prop
+    for name, definition in schema.get("$defs", {}).items():
+        yield from _properties(definition, f"{where}/$defs/{name}")
+
+
+@pytest.mark.parametrize("name", sorted(generate()))
+def test_every_field_has_a_description(name):
+    """The schemas are the reference a maker reads beside docs/protocol.md: no field unexplained."""
+    schema = json.loads(generate()[name])
+    bare = [path for path, prop in _properties(schema, name) if not prop.get("description")]
+    assert not bare, f"fields without a description: {bare}"
+
+
+def test_the_envelope_lists_every_kind_and_the_encodings_of_keys_and_signatures():
+    schema = json.loads(generate()["envelope.json"])
+    assert schema["properties"]["kind"]["enum"] == sorted(BODIES)
+    assert schema["properties"]["sig"]["pattern"] == r"^[A-Za-z0-9+/]{85}[AQgw]==$"
+    register = json.loads(generate()["register.json"])
+    assert register["properties"]["public_key"]["pattern"] == r"^[A-Za-z0-9+/]{42}[AEIMQUYcgkosw048]=$"
+    result = json.loads(generate()["config.result.json"])
+    assert "port_mapping:(tcp|udp)" in result["$defs"]["ItemResult"]["properties"]["item"]["pattern"]

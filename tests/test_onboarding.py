@@ -12,7 +12,7 @@ from homenet.configurator.profiles import PROFILES
 from homenet.schemas import decode
 from homenet.schemas.messages import Ipv4Item, ResultStatus
 
-from .harness import Gateway, wait_until
+from .harness import Gateway, gateway_view, wait_until
 
 
 def test_every_built_in_device_type_completes_the_sequence(gateway: Gateway) -> None:
@@ -39,8 +39,7 @@ def test_gateway_state_shows_what_the_configurator_set(gateway: Gateway) -> None
     nas = gateway.wait_configured("test-nas")
 
     def latest_state() -> dict | None:
-        states = [p for t, p, _ in gateway.watcher.messages if t == gateway.topics.gateway_state]
-        body = json.loads(states[-1])["body"] if states else None
+        body = gateway_view(list(gateway.watcher.messages), gateway.topics)
         return body if body and len(body["reservations"]) == 2 else None
 
     state = wait_until(latest_state, what="gateway/state with two reservations")

@@ -3,45 +3,13 @@ still works when given --broker."""
 
 from __future__ import annotations
 
-import os
-import shutil
 import subprocess
 import sys
-import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from .conftest import IN_CI
 from .harness import Gateway
 
-NOBODY = ("--reuid=65534", "--regid=65534", "--clear-groups")
 AGENT = str(Path(sys.executable).parent / "homenet-agent")
-
-
-@pytest.fixture
-def nobody_dir() -> Iterator[Path]:
-    """A directory the unprivileged user can reach (pytest's tmp_path parents are 0700)."""
-    path = Path(tempfile.mkdtemp(prefix="homenet-nobody-"))
-    path.chmod(0o777)
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture
-def as_nobody() -> list[str]:
-    """A command prefix that drops to an unprivileged user."""
-    setpriv = shutil.which("setpriv")
-    if os.geteuid() != 0 or setpriv is None:
-        if IN_CI:
-            pytest.fail("CI runs as root with util-linux setpriv; this test must run there")
-        pytest.skip("needs root and setpriv to drop privileges")
-    probe = subprocess.run([setpriv, *NOBODY, sys.executable, "-c", "import homenet.agent.cli"],
-                           capture_output=True, text=True)
-    if probe.returncode != 0:
-        pytest.fail(f"the virtualenv is not readable by an unprivileged user: {probe.stderr.strip()}")
-    return [setpriv, *NOBODY]
 
 
 def test_without_cap_net_raw_the_agent_says_how_to_grant_it(as_nobody: list[str], nobody_dir: Path) -> None:

@@ -26,7 +26,7 @@ from homenet.schemas.messages import DeviceInfo, Interface, Ipv4Item, ResultStat
 from homenet.settings import LanSettings
 
 from .conftest import require_program
-from .gatewaylab import TCP_SERVER, WAN_HOST, record_of, start_linux_home
+from .gatewaylab import TCP_SERVER, WAN_HOST, multicast_unroutable, record_of, start_linux_home
 from .harness import Gateway, wait_until
 from .test_gateway_linux import RECEIVER, SENDER
 from .netns import Lab, Namespace
@@ -272,9 +272,10 @@ def test_a_gateway_bridge_moved_to_another_subnet_takes_every_device_and_port_fo
     assert (tmp_path / "lease").read_text().strip() == nas_address
 
     # the IGMP proxy, started again on the new LAN, routes a stream from the WAN to the STB
-    home.wan.popen(sys.executable, "-c", SENDER, "239.10.0.1", "5004", WAN_HOST)
-    received = stb.run(sys.executable, "-c", RECEIVER, "239.10.0.1", "5004", after["stb"].address, timeout=20)
-    assert received.stdout.strip() == "channel 1"
+    if (multicast := multicast_unroutable(home, after["stb"].device_id)) is None:
+        home.wan.popen(sys.executable, "-c", SENDER, "239.10.0.1", "5004", WAN_HOST)
+        received = stb.run(sys.executable, "-c", RECEIVER, "239.10.0.1", "5004", after["stb"].address, timeout=20)
+        assert received.stdout.strip() == "channel 1"
 
     # the story on `events`: the LAN moved, then every device was sent its new config and applied it
     events = [json.loads(line)["body"] for line in events_out.read_text().splitlines() if line.startswith("{")]
@@ -291,3 +292,5 @@ def test_a_gateway_bridge_moved_to_another_subnet_takes_every_device_and_port_fo
     time.sleep(3)  # longer than the LAN check interval
     assert home.log().count("lan.renumbered") == 1
     assert {ns.role: record_of(home, ns).version for ns in (nas, stb)} == {r: after[r].version for r in after}
+    if multicast:
+        pytest.skip(multicast)

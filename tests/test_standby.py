@@ -342,6 +342,13 @@ def from_configurator(watcher: Watcher, since: int) -> list[str]:
     return [t for t, p, _ in messages if p.startswith(b"{") and json.loads(p).get("from") == "configurator"]
 
 
+def states_since(watcher: Watcher, since: int) -> list[str]:
+    """What the `configurator/state` messages after message `since` said."""
+    with watcher._lock:
+        messages = watcher.messages[since:]
+    return [json.loads(p)["body"]["state"] for t, p, _ in messages if t == TOPICS.configurator_state and p]
+
+
 @pytest.mark.parametrize("then", ["a new device registers", "a malformed message arrives", "it is stopped"])
 def test_a_fenced_configurator_sends_nothing_and_stands_down(then: str, embedded: Embedded, tmp_path: Path) -> None:
     gw = Gateway(embedded, tmp_path)
@@ -362,7 +369,9 @@ def test_a_fenced_configurator_sends_nothing_and_stands_down(then: str, embedded
             gw.stop()
         wait_until(old.fenced.is_set, what="the old configurator fenced")
         time.sleep(1)
-        assert from_configurator(gw.watcher, mark) == []
+        # nothing but that it stood down: its retained `online` must not outlive it
+        assert set(from_configurator(gw.watcher, mark)) <= {TOPICS.configurator_state}
+        assert states_since(gw.watcher, mark) in ([], ["offline"])
         assert load_records(gw.data_dir) == {}
     finally:
         gw.close()

@@ -153,6 +153,8 @@ class LinuxGatewayDriver:
                 if job is not _RETRY:
                     job.outcome.set_exception(exc)
             delay = self._backoff()
+            if self._proxy.starting():  # look again once igmpproxy has had time to fail
+                delay = igmpproxy.STARTUP_GRACE if delay is None else min(delay, igmpproxy.STARTUP_GRACE)
 
     def _sync(self) -> dict[str, str]:
         """Make every part match what all devices want; the reasons of the parts that failed."""
@@ -185,15 +187,19 @@ class LinuxGatewayDriver:
         return min(2.0 ** (self._attempt - 1), self.settings.retry_max)
 
     def _retry(self) -> None:
-        """Another try with the same wants; report recovery, a new reason, and a changed state."""
+        """Another try with the same wants (or a look at a starting igmpproxy); report recovery,
+        a new reason, every device's items that it changes, and a changed state."""
         before, state = self._failures, self.state()
         failures = self._sync()
-        if not failures:
+        if before and not failures:
             self.reporter.event("gateway.recovered", Severity.INFO,
                                 f"in force again after {self._attempt} retries: {', '.join(sorted(before))}")
-        elif failures != before:
+        elif failures and failures != before:
             self.reporter.event("gateway.failed", Severity.ERROR,
                                 "; ".join(f"{part}: {reason}" for part, reason in sorted(failures.items())))
+        if failures != before:
+            for wants in self._wants.values():
+                self.reporter.items(wants.device_id, [_result(key, wants, failures) for key in wants.items])
         if self.state() != state:
             self.reporter.changed()
 

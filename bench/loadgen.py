@@ -1,7 +1,6 @@
 """Load generator: thousands of simulated agents per process, speaking the real wire contract.
 
-Why here and not in `bench/`: `homenet bench storm` (configurator/storm.py) is a command of the
-gateway install, like `bench onboard`, and this is the half of it that plays the devices.
+The half of `homenet bench storm` (bench/storm.py) that plays the devices.
 
 One agent here is what `homenet-agent run --collector simulated` is on the wire, without its
 cost: the same client id, session (clean_session false, keepalive 30, retained `offline` will),

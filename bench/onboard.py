@@ -19,6 +19,9 @@ or sessions; Mosquitto's CPU then belongs to one path):
            `register` with `register.reply` and `config` (the configurator's order) and
            `config.result` with the `config.applied` event. What homenet adds on top of the floor is its own work:
            validation, planning, durable writes.
+  fsync    the floor with one durable write (append + fsync) per side: the device before its
+           `config.result`, the responder before `config.applied`. The least a confirmation
+           that survives a power cut at either end costs; the plain floor writes nothing.
 
 A few warm-up onboardings per path are not counted (first use of lazily built pydantic
 validators, paho and broker code paths). Every paho client here sets TCP_NODELAY on connect.
@@ -56,8 +59,8 @@ from homenet.schemas.messages import (Config, ConfigResult, ConfiguratorState, D
                                       Target, item_key)
 from homenet.settings import AgentSettings, ConfiguratorSettings, LanSettings
 
-from .app import build as build_configurator, lan_plan
-from .policy import NetworkView, evaluate
+from homenet.configurator.app import build as build_configurator, lan_plan
+from homenet.configurator.policy import NetworkView, evaluate
 
 WARMUP = 5
 TIMEOUT = 15.0
@@ -220,12 +223,24 @@ def _for(payload: bytes, device: str) -> bytes:
     return payload.replace(_ID_TEMPLATE.encode(), device.encode())
 
 
-class Responder:
-    """The configurator's side of the floor: answers at once with canned payloads, keeps nothing."""
+def _synced(log: Path | None, record: bytes) -> None:
+    """The fsync floor's one durable write per side: `record` appended to `log` and fsynced."""
+    if log is not None:
+        with open(log, "ab") as out:
+            out.write(record)
+            out.flush()
+            os.fsync(out.fileno())
 
-    def __init__(self, url: str, topics: Topics, canned: dict[str, bytes]) -> None:
+
+class Responder:
+    """The configurator's side of the floor: answers at once with canned payloads, keeps
+    nothing; with `log`, one fsync before it confirms a device (the configurator commits the
+    device's `configured` state before its `config.applied` event)."""
+
+    def __init__(self, url: str, topics: Topics, canned: dict[str, bytes], log: Path | None = None) -> None:
         self.topics = topics
         self.canned = canned
+        self.log = log
         self.client = make_client("bench-responder", clean_session=True)
         self.client.on_message = self._on_message
         _connect_subscribed(self.client, url, [(topics.device_filter("register"), 1),
@@ -242,6 +257,7 @@ class Responder:
             client.publish(self.topics.device(device, "config"), _for(self.canned["config"], device),
                            qos=1, retain=True)
         else:
+            _synced(self.log, msg.payload)
             client.publish(self.topics.events, _for(self.canned["event"], device), qos=1)
 
     def close(self) -> None:
@@ -249,10 +265,13 @@ class Responder:
 
 
 class FloorDevice:
-    """The agent's side of the floor: the agent's session, subscriptions and publishes, canned."""
+    """The agent's side of the floor: the agent's session, subscriptions and publishes, canned;
+    with `log`, one fsync before its `config.result` (the agent saves the result first)."""
 
-    def __init__(self, url: str, topics: Topics, device: str, canned: dict[str, bytes]) -> None:
+    def __init__(self, url: str, topics: Topics, device: str, canned: dict[str, bytes],
+                 log: Path | None = None) -> None:
         self.connack: float | None = None
+        self.log = log
         self.broker = BrokerUrl.parse(url)
         self.topics = topics
         self.device = device
@@ -289,24 +308,31 @@ class FloorDevice:
         if msg.topic == self.topics.configurator_state:
             client.publish(self._topic("register"), _for(self.canned["register"], self.device), qos=1)
         elif msg.topic == self._topic("config"):
+            _synced(self.log, msg.payload)
             client.publish(self._topic("config/result"), _for(self.canned["config.result"], self.device),
                            qos=1, retain=True)
 
 
 @contextmanager
-def floor_devices(url: str, _tmp: Path) -> Iterator[DeviceFactory]:
-    """Run the responder; yield a factory of fresh floor devices."""
+def floor_devices(url: str, tmp: Path, fsync: bool = False) -> Iterator[DeviceFactory]:
+    """Run the responder; yield a factory of fresh floor devices (`fsync`: one durable write
+    per side and onboarding, in files of `tmp`)."""
     topics = Topics()
     canned = canned_payloads()
-    responder = Responder(url, topics, canned)
+    responder = Responder(url, topics, canned, tmp / "responder.log" if fsync else None)
     try:
-        yield lambda device: FloorDevice(url, topics, device, canned)
+        yield lambda device: FloorDevice(url, topics, device, canned, tmp / f"{device}.log" if fsync else None)
     finally:
         responder.close()
 
 
+def fsync_floor_devices(url: str, tmp: Path) -> AbstractContextManager[DeviceFactory]:
+    return floor_devices(url, tmp, fsync=True)
+
+
 PATHS: dict[str, Callable[[str, Path], AbstractContextManager[DeviceFactory]]] = {
-    "floor": floor_devices, "homenet": homenet_devices}
+    "floor": floor_devices, "fsync": fsync_floor_devices, "homenet": homenet_devices}
+FLOORS = ("floor", "fsync")
 
 
 # --- measuring -----------------------------------------------------------------------------
@@ -385,16 +411,19 @@ def measure(broker_name: str, path: str, count: int) -> Run:
 
 
 def table(runs: list[Run]) -> str:
-    floor = {r.broker: r for r in runs if r.path == "floor"}
+    """One line per path; homenet's p50 against each floor of its broker (the plain floor writes
+    nothing; the fsync floor makes one durable write per side, the least a confirmation that
+    survives a power cut on both ends costs)."""
+    floors = {(r.broker, r.path): r for r in runs if r.path in FLOORS}
     lines = [f"{'broker':<10} {'path':<8} {'n':>4} {'p50 ms':>8} {'p99 ms':>8} {'mean ms':>8} "
-             f"{'p50/floor':>9} {'p50 1st10%':>10} {'p50 last10%':>11} {'cpu s':>6} {'broker cpu s':>12} "
-             f"{'wall s':>6}"]
+             f"{'p50/floor':>9} {'p50/fsync':>9} {'p50 1st10%':>10} {'p50 last10%':>11} {'cpu s':>6} "
+             f"{'broker cpu s':>12} {'wall s':>6}"]
     for r in runs:
-        base = floor.get(r.broker)
-        ratio = f"{r.p50 / base.p50:.1f}x" if r.path == "homenet" and base else "-"
+        ratios = [f"{r.p50 / base.p50:.1f}x" if r.path == "homenet" and (base := floors.get((r.broker, f))) else "-"
+                  for f in FLOORS]
         child = f"{r.child_cpu_s:.2f}" if r.child_cpu_s is not None else "(in cpu s)"
         lines.append(f"{r.broker:<10} {r.path:<8} {len(r.samples_ms):>4} {r.p50:>8.2f} {r.p99:>8.2f} "
-                     f"{r.mean:>8.2f} {ratio:>9} {r.p50_of_tenth(0):>10.2f} {r.p50_of_tenth(-1):>11.2f} "
+                     f"{r.mean:>8.2f} {ratios[0]:>9} {ratios[1]:>9} {r.p50_of_tenth(0):>10.2f} {r.p50_of_tenth(-1):>11.2f} "
                      f"{r.cpu_s:>6.2f} {child:>12} {r.wall_s:>6.1f}")
     return "\n".join(lines)
 
@@ -409,7 +438,7 @@ def run_onboard(count: int, brokers: list[str]) -> None:
         raise click.BadParameter("at least 2 onboardings are needed for a p99", param_hint="--count")
     if "mosquitto" in brokers and Mosquitto.binary() is None:
         raise click.ClickException("mosquitto is not installed (Debian package 'mosquitto')")
-    logs.setup(verbose=False)
+    logs.setup()
     logging.getLogger("homenet").setLevel(logging.WARNING)  # INFO lines per message would be timed too
     click.echo(f"homenet {__version__} bench onboard: {count} sequential onboardings per path "
                f"(+{WARMUP} warm-up), device type {DEVICE_TYPE}; "

@@ -4,14 +4,18 @@ How one run is set up (everything in a temp dir, removed at the end, also on Ctr
   amqtt      `homenet gateway run` as its own process: the appliance exactly (embedded amqtt and
              the configurator in one process and one interpreter; broker accounts on, so every
              new device is handed an account in its `register.reply` and logs in again with it).
+  gw-mosquitto  `homenet gateway run` with `[broker] engine = "mosquitto"`: the appliance with
+             Mosquitto as its child process (broker/mosquitto.py), accounts kept by Mosquitto's
+             dynamic-security plugin; as with amqtt every new device logs in again.
   mosquitto  Debian's Mosquitto (`homenet.brokers.Mosquitto`: anonymous clients, no ACL,
              `set_tcp_nodelay true`) and `homenet configurator run` against it, two processes.
-             No accounts: the configurator issues none, agents register once.
-Both: LAN 10.0.0.0/16 (the DHCP pool at 10.0.200.0 and up, so 51k static addresses), the memory
+             No accounts: the configurator issues none, agents register once. The baseline of
+             the side-by-side ratios.
+All: LAN 10.0.0.0/16 (the DHCP pool at 10.0.200.0 and up, so 51k static addresses), the memory
 gateway driver, enrollment `auto`, a fresh database, logging as the product ships it (INFO, to a
 file in the temp dir).
 
-The devices are `configurator/loadgen.py` agents (real signed messages, one asyncio loop per
+The devices are `bench/loadgen.py` agents (real signed messages, one asyncio loop per
 process), spread over `--processes` generator processes started before the clock. On "go" every
 agent starts its TCP connect at once. An observer (a paho client in this process, logged in as
 the gateway's local operator when the broker authenticates) records when `config.applied` for
@@ -76,6 +80,10 @@ pool_start = "10.0.200.0"
 pool_end = "10.0.255.254"
 dns = ["10.0.0.1"]
 """
+GW_MOSQUITTO = "gw-mosquitto"
+"""`homenet gateway run` with `[broker] engine = "mosquitto"`: the appliance, its broker Mosquitto."""
+ENGINE_MOSQUITTO = '\n[broker]\nengine = "mosquitto"\n'
+BROKERS = ["amqtt", GW_MOSQUITTO, "mosquitto"]
 CLK_TCK = os.sysconf("SC_CLK_TCK")
 
 
@@ -193,6 +201,10 @@ class StormRun:
     events: dict[str, int] = field(default_factory=dict)
     event_samples: dict[str, str] = field(default_factory=dict)
     store_configured: int | None = None
+    repeat: int = 0
+    """Which of `--repeat` rounds this run was (0 for the first)."""
+    load_before: float = field(default_factory=lambda: os.getloadavg()[0])
+    """The 1-minute load average as the run was set up (the machine may be shared)."""
     db_bytes: int = 0
     profile: list[str] = field(default_factory=list)
     renumbered_s: float | None = None
@@ -213,7 +225,7 @@ class Server:
         self.tmp = tmp
         self.data = tmp / "gateway"
         self.config = tmp / "storm.toml"
-        self.config.write_text(CONFIG_TOML)
+        self.config.write_text(CONFIG_TOML + (ENGINE_MOSQUITTO if broker == GW_MOSQUITTO else ""))
         self.log = tmp / "configurator.log"
         self.mosquitto = Mosquitto() if broker == "mosquitto" else None
         self.port = self.mosquitto.port if self.mosquitto else free_port()
@@ -238,7 +250,7 @@ class Server:
             wait_listening(self.port, timeout=30)
 
     def login(self, timeout: float = 30.0) -> tuple[str, str] | None:
-        """The gateway's local operator account (only the amqtt appliance authenticates)."""
+        """The gateway's local operator account (only the appliance, `gateway run`, authenticates)."""
         if self.broker == "mosquitto":
             return None
         secret = self.data / "admin.secret"
@@ -253,6 +265,10 @@ class Server:
         pids = {"configurator": self.proc.pid} if self.proc else {}
         if self.mosquitto and self.mosquitto.proc:
             pids["broker"] = self.mosquitto.proc.pid
+        if self.broker == GW_MOSQUITTO and self.proc:
+            import psutil
+
+            pids["broker"] = next(c.pid for c in psutil.Process(self.proc.pid).children() if c.name() == "mosquitto")
         return pids
 
     def alive(self) -> bool:
@@ -267,7 +283,7 @@ class Server:
         """Restart the configurator with the LAN moved to 10.1.0.0/16 (a firmware upgrade):
         seconds from the restart until all `n` devices confirmed their new config, and how many did."""
         _stop_process(self.proc)
-        self.config.write_text(CONFIG_TOML.replace('"10.0.', '"10.1.'))
+        self.config.write_text(self.config.read_text().replace('"10.0.', '"10.1.'))
         t_restart = time.monotonic()
         self.start_configurator()
         deadline = t_restart + timeout
@@ -379,6 +395,7 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
         cpu1 = {name: proc_cpu(pid) for name, pid in pids.items() if Path(f"/proc/{pid}").exists()}
         self1 = _self_cpu()
         rss1 = proc_mem(pids["configurator"]) if server.alive() else {}
+        broker_rss = proc_mem(pids["broker"]) if Path(f"/proc/{pids.get('broker', 0)}").exists() else {}
         if spy is not None:
             spy.send_signal(signal.SIGINT)
             try:
@@ -413,7 +430,8 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
                 run.cpu[name] = cpu1[name] - cpu0[name]
         run.cpu["generator"] = sum(r["cpu_s"] for r in results)
         run.cpu["observer"] = self1 - self0
-        run.rss_kb = {"start": rss0.get("VmRSS", 0), "end": rss1.get("VmRSS", 0), "peak": rss1.get("VmHWM", 0)}
+        run.rss_kb = {"start": rss0.get("VmRSS", 0), "end": rss1.get("VmRSS", 0), "peak": rss1.get("VmHWM", 0),
+                      "broker_peak": broker_rss.get("VmHWM", 0)}
         run.gen_procs = len(results)
         run.gen_maxrss_kb = max((r["maxrss_kb"] for r in results), default=0)
         for r in results:
@@ -441,13 +459,13 @@ def storm(broker: str, n: int, timeout: float, processes: int, profile: Path | N
 
 def _count_configured(data: Path) -> tuple[int | None, int]:
     """Read the database the configurator left (read-only): devices in state `configured`."""
-    from .app import db_path
+    from homenet.configurator.app import db_path
 
     path = db_path(data)
     if not path.exists():
         return None, 0
-    from .lifecycle import State
-    from .store import SqliteStore
+    from homenet.configurator.lifecycle import State
+    from homenet.configurator.store import SqliteStore
 
     store = SqliteStore(path, read_only=True)
     try:
@@ -529,11 +547,11 @@ def synthetic_database(data: Path, n: int) -> None:
     from homenet.schemas.messages import Config, ConfigResult, ItemResult, ItemStatus, ResultStatus
     from homenet.settings import LanSettings
 
-    from .app import KEY_NAME, db_path, lan_plan
-    from .lifecycle import State
-    from .policy import NetworkView, evaluate
-    from .records import DeviceRecord
-    from .store import SqliteStore
+    from homenet.configurator.app import KEY_NAME, db_path, lan_plan
+    from homenet.configurator.lifecycle import State
+    from homenet.configurator.policy import NetworkView, evaluate
+    from homenet.configurator.records import DeviceRecord
+    from homenet.configurator.store import SqliteStore
 
     data.mkdir(parents=True, exist_ok=True)
     conf_key = KeyPair.load_or_create(data / KEY_NAME)
@@ -567,7 +585,7 @@ def synthetic_database(data: Path, n: int) -> None:
 def configurator_at_rest(n: int, timeout: float = 180.0) -> dict[str, float]:
     """`homenet configurator run` (Mosquitto) started on a database of `n` devices: seconds until
     its CPU is idle (republish, re-plan), and its RSS then."""
-    from .app import db_path
+    from homenet.configurator.app import db_path
 
     with ExitStack() as stack:
         tmp = Path(stack.enter_context(tempfile.TemporaryDirectory(prefix="homenet-rest-")))
@@ -602,16 +620,45 @@ def _fmt(value: float | None, spec: str = ".2f") -> str:
 
 
 def table(runs: list[StormRun]) -> str:
-    head = (f"{'broker':<10} {'N':>5} {'all confirmed':>16} {'99% conf':>8} {'p50 ms':>8} {'p99 ms':>8} {'conf cpu s':>10} "
+    head = (f"{'broker':<12} {'N':>5} {'all confirmed':>16} {'99% conf':>8} {'p50 ms':>8} {'p99 ms':>8} {'conf cpu s':>10} "
             f"{'broker cpu s':>12} {'gen cpu s':>9} {'obs cpu s':>9} {'conf peak RSS':>13} {'db MB':>6}")
     lines = [head]
     for r in runs:
         done = f"{r.all_s:.2f} s" if r.finished else f"{r.confirmed}/{r.n} in {r.timeout:.0f}s"
         broker_cpu = _fmt(r.cpu.get("broker")) if "broker" in r.cpu else "(in conf)"
-        lines.append(f"{r.broker:<10} {r.n:>5} {done:>16} {_fmt(r.p99_all_s, '.2f'):>8} {_fmt(r.pct(50), '.0f'):>8} {_fmt(r.pct(99), '.0f'):>8} "
+        lines.append(f"{r.broker:<12} {r.n:>5} {done:>16} {_fmt(r.p99_all_s, '.2f'):>8} {_fmt(r.pct(50), '.0f'):>8} {_fmt(r.pct(99), '.0f'):>8} "
                      f"{_fmt(r.cpu.get('configurator')):>10} {broker_cpu:>12} {_fmt(r.cpu.get('generator')):>9} "
                      f"{_fmt(r.cpu.get('observer')):>9} {r.rss_kb.get('peak', 0) / 1024:>10.1f} MB "
                      f"{r.db_bytes / 1e6:>6.1f}")
+    return "\n".join(lines)
+
+
+def side_by_side(runs: list[StormRun], baseline: str = "mosquitto") -> str:
+    """Per size, every broker's time to all confirmed and its ratio to `baseline`'s in this run
+    (a run that did not finish counts its timeout: the ratio is then at least that)."""
+    lines = [f"side by side (ratio: time to all confirmed / {baseline}'s in this run):"]
+    for repeat, n in dict.fromkeys((r.repeat, r.n) for r in runs):
+        same = [r for r in runs if r.n == n and r.repeat == repeat]
+        base = next((r for r in same if r.broker == baseline and r.finished), None)
+        cells = []
+        for r in same:
+            took = r.all_s if r.finished else r.timeout
+            ratio = f"{'>=' if not r.finished else ''}{took / base.all_s:.1f}x" if base and base.all_s else "-"
+            what = f"{r.all_s:.2f} s" if r.finished else f"{r.confirmed}/{r.n} in {r.timeout:.0f} s"
+            cells.append(f"{r.broker} {what} ({ratio})")
+        lines.append(f"  {n:>5}{f' #{repeat + 1}' if repeat else ''}: " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+def lost(runs: list[StormRun]) -> str:
+    """Per broker and size: in how many runs every device was confirmed, and the devices
+    not confirmed in each run (the "no device lost, ever" check of `--repeat`)."""
+    lines = ["devices not confirmed by the end of each run:"]
+    for broker, n in dict.fromkeys((r.broker, r.n) for r in runs):
+        mine = [r for r in runs if r.broker == broker and r.n == n]
+        missing = [r.n - r.confirmed for r in mine]
+        lines.append(f"  {broker} {n}: every device confirmed in {missing.count(0)}/{len(mine)} runs; "
+                     f"not confirmed per run: {missing}")
     return "\n".join(lines)
 
 
@@ -619,8 +666,11 @@ def details(r: StormRun) -> str:
     lines = [f"  {r.broker} {r.n}: elapsed {r.elapsed_s:.1f} s, confirmed (events) {r.confirmed}/{r.n}, "
              f"configured in the database {r.store_configured}; configurator RSS start "
              f"{r.rss_kb.get('start', 0) / 1024:.1f} MB, end {r.rss_kb.get('end', 0) / 1024:.1f} MB, peak "
-             f"{r.rss_kb.get('peak', 0) / 1024:.1f} MB; {r.gen_procs} generator processes (max RSS "
-             f"{r.gen_maxrss_kb / 1024:.0f} MB each); TCP connections {r.connections} (refused {r.refused})"]
+             f"{r.rss_kb.get('peak', 0) / 1024:.1f} MB"
+             + (f" (Mosquitto's peak {r.rss_kb['broker_peak'] / 1024:.1f} MB)" if r.rss_kb.get("broker_peak") else "")
+             + f"; {r.gen_procs} generator processes (max RSS "
+             f"{r.gen_maxrss_kb / 1024:.0f} MB each); TCP connections {r.connections} (refused {r.refused}); load average (1 min) before "
+             f"{r.load_before:.2f}"]
     if r.reconfirmed:
         lines.append(f"    renumbered (restart with 10.1.0.0/16): "
                      + (f"all {r.n} confirmed their new config {r.renumbered_s:.2f} s after the restart"
@@ -641,27 +691,37 @@ def terminated(signum: int, _frame: Any) -> NoReturn:
 
 
 def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: int, profile: Path | None,
-              footprint: bool, json_out: Path | None, keep: bool = False, renumber: bool = False) -> None:
-    if "mosquitto" in brokers and Mosquitto.binary() is None:
+              footprint: bool, json_out: Path | None, keep: bool = False, renumber: bool = False,
+              repeat: int = 1) -> bool:
+    """Run and print every storm; True when every device was confirmed in every run."""
+    if any("mosquitto" in b for b in brokers) and Mosquitto.binary() is None:
         raise click.ClickException("mosquitto is not installed (Debian package 'mosquitto')")
     click.echo(f"homenet {__version__} bench storm: N agents ({DEVICE_TYPE}) connect and register at once; "
                f"{datetime.now(timezone.utc):%Y-%m-%d %H:%M} UTC, {os.cpu_count()} CPUs; timeout {timeout:.0f} s "
-               f"per run, {processes} generator processes")
+               f"per run, {processes} generator processes; load average "
+               f"{' '.join(f'{x:.2f}' for x in os.getloadavg())}")
     click.echo("all confirmed: go -> last config.applied (99% conf: -> the ceil(0.99 N)th); p50/p99: agent's TCP connect -> its config.applied; "
                "cpu: go -> end of run\n")
     runs: list[StormRun] = []
     previous = signal.signal(signal.SIGTERM, terminated)
     try:
-        for broker in brokers:
-            for n in counts:
-                prof = None
-                if profile is not None:
-                    prof = profile.with_name(f"{profile.stem}-{broker}-{n}{profile.suffix or '.txt'}")
-                runs.append(storm(broker, n, timeout, processes, prof, keep, renumber))
-                click.echo(f"  {broker} {n}: {'done' if runs[-1].finished else 'NOT FINISHED'} "
-                           f"after {runs[-1].elapsed_s:.1f} s", err=True)
+        for k in range(repeat):
+            for n in counts:  # each size on every broker in turn: a pair shares the machine's load
+                for broker in brokers:
+                    prof = None
+                    if profile is not None:
+                        prof = profile.with_name(f"{profile.stem}-{broker}-{n}{profile.suffix or '.txt'}")
+                    runs.append(storm(broker, n, timeout, processes, prof, keep, renumber))
+                    runs[-1].repeat = k
+                    click.echo(f"  {broker} {n}{f' #{k + 1}' if repeat > 1 else ''}: "
+                               f"{'done' if runs[-1].finished else 'NOT FINISHED'} after {runs[-1].elapsed_s:.1f} s "
+                               f"(load {runs[-1].load_before:.2f})", err=True)
         click.echo(table(runs))
         click.echo("")
+        click.echo(side_by_side(runs))
+        if repeat > 1:
+            click.echo(lost(runs))
+        click.echo(f"load average at the end: {' '.join(f'{x:.2f}' for x in os.getloadavg())}\n")
         for r in runs:
             click.echo(details(r))
         fp: dict[str, Any] = {}
@@ -686,3 +746,4 @@ def run_storm(counts: list[int], brokers: list[str], timeout: float, processes: 
                                            default=str))
     finally:
         signal.signal(signal.SIGTERM, previous)
+    return all(r.finished for r in runs)
