@@ -62,7 +62,7 @@ if TYPE_CHECKING:  # the beacon listener loads psutil: only agents that discover
 
 log = logging.getLogger(__name__)
 
-STOP_WAIT = 0.8
+STOP_WAIT = 0.5
 """Seconds a stop gives the broker connection (the goodbye, the network thread) in all."""
 
 
@@ -137,7 +137,7 @@ class Agent:
             old, self.client = self.client, self._new_client()
         old.on_disconnect = None  # left on purpose: not a loss of the broker to report
         old.disconnect()
-        _bounded(old.loop_stop, STOP_WAIT)
+        old.loop_stop()  # all of it: an apply under way there must end before the new client may start one
         self._connect()
 
     def _connect(self) -> None:

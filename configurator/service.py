@@ -615,6 +615,7 @@ class Configurator:
                            f"{_describe(old['model'])}: only a unit of the same model takes its place")
         self._end_quarantine(command.predecessor)  # the owner says its unit is gone: its addresses go along
         previous = [_CONFIG_ITEM.validate_python(i) for i in old["items"]]
+        self._release(command.predecessor)  # gone for good, the owner says: its addresses are for its successor
         record, planned = self._plan(record, again=True, previous=previous)
         self._put(record)
         self._after_commit(record, planned)
@@ -918,13 +919,18 @@ class Configurator:
     def _end_quarantines(self) -> None:
         """Addresses of forgotten devices whose quarantine has run out are free again."""
         meta = self.store.meta()
-        kept = quarantined(meta, time.time())
-        for device_id in meta.get("quarantine", {}).keys() - kept.keys():
-            if self.store.get(device_id) is None:  # back since, its record holds what it uses
-                self.holdings.remove(device_id)
+        for device_id in meta.get("quarantine", {}).keys() - quarantined(meta, time.time()).keys():
+            self._release(device_id)
             log.info("addresses of forgotten device %s are free again", device_id)
-        if kept.keys() != meta.get("quarantine", {}).keys():
-            self.store.set_meta(quarantine={d: e for d, e in meta["quarantine"].items() if d in kept})
+
+    def _release(self, device_id: str) -> None:
+        """End the quarantine of a forgotten device's addresses."""
+        entries = dict(self.store.meta().get("quarantine", {}))
+        if entries.pop(device_id, None) is None:
+            return
+        if self.store.get(device_id) is None:  # back since, its record holds what it uses
+            self.holdings.remove(device_id)
+        self.store.set_meta(quarantine=entries)
 
     def _reconcile(self, records: list[DeviceRecord], gateway: bool) -> None:
         """Each device's own reports, and with `gateway` the driver's listing. The driver is given
