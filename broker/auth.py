@@ -54,11 +54,12 @@ class HomenetAuthPlugin(BaseAuthPlugin, BaseTopicPlugin):
     class Config:
         accounts_file: str | None = None
         root: str = "homenet/v1"
+        discovery: str = "homeassistant"
 
     def __init__(self, context) -> None:  # type: ignore[no-untyped-def]
         super().__init__(context)
         self.accounts = Accounts(self.config.accounts_file) if self.config.accounts_file else None
-        self.topics = Topics(self.config.root)
+        self.topics = Topics(self.config.root, self.config.discovery)
         self._roles: dict[str, tuple[Role, str]] = {}
         self._failures: dict[str, _Failures] = {}
         self.reports = BrokerReports(lambda payload: self.context.broadcast_message(self.topics.events, payload, qos=1))

@@ -31,7 +31,7 @@ from .limits import ConnectionLimits, fd_budget
 log = logging.getLogger(__name__)
 
 
-def broker_config(settings: BrokerSettings, root: str) -> dict[str, Any]:
+def broker_config(settings: BrokerSettings, topics: Topics) -> dict[str, Any]:
     """amqtt configuration: our listeners and our auth plugin, none of amqtt's defaults."""
     binds = [(bind, False) for bind in settings.listeners] + [(bind, True) for bind in settings.tls_listeners]
     if not binds:
@@ -49,7 +49,7 @@ def broker_config(settings: BrokerSettings, root: str) -> dict[str, Any]:
         "timeout_disconnect_delay": 0,
         "plugins": {"homenet.broker.auth.HomenetAuthPlugin": {
             "accounts_file": str(settings.accounts_file) if settings.accounts_file else None,
-            "root": root}},
+            "root": topics.root, "discovery": topics.discovery}},
     }
 
 
@@ -71,7 +71,7 @@ def limits_for(settings: BrokerSettings) -> ConnectionLimits:
 
 class HomenetBroker(AuthFirstConnect):
     def __init__(self, settings: BrokerSettings, topics: Topics) -> None:
-        super().__init__(broker_config(settings, topics.root), limits=limits_for(settings),
+        super().__init__(broker_config(settings, topics), limits=limits_for(settings),
                          connect_timeout=settings.connect_timeout,
                          max_packet=settings.max_payload + TOPIC_HEADROOM)
         self.max_payload = settings.max_payload

@@ -122,7 +122,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     except (ValueError, EngineMissing, GatewayRunning) as exc:
         raise click.ClickException(str(exc)) from None
     plain, tls = settings.broker.listeners, settings.broker.tls_listeners
-    child = MosquittoEngine(broker_settings, conf_settings.data_dir, _topics(conf_settings)) \
+    child = MosquittoEngine(broker_settings, conf_settings.data_dir, _topics(conf_settings, settings.homeassistant.prefix)) \
         if engine == "mosquitto" else None
     if child is not None:
         conf_settings = child.configurator_settings(conf_settings)
@@ -131,7 +131,7 @@ def gateway_run(config: Path | None, data_dir: Path | None, listen: tuple[str, .
     ident = identity(conf_settings, child.accounts if child else None)
 
     async def serve() -> None:
-        broker = EmbeddedBroker(broker_settings, _topics(conf_settings)) if child is None else None
+        broker = EmbeddedBroker(broker_settings, _topics(conf_settings, settings.homeassistant.prefix)) if child is None else None
         try:
             if broker is not None:
                 await broker.start()
@@ -296,10 +296,11 @@ def _local_broker(broker: BrokerSettings) -> str:
     raise click.ClickException("no listener: give --listen or --tls-listen")
 
 
-def _topics(settings: ConfiguratorSettings) -> Any:
+def _topics(settings: ConfiguratorSettings, discovery: str = "homeassistant") -> Any:
+    """The topics the broker's ACL is written for: the root, and Home Assistant's prefix."""
     from homenet.schemas import Topics
 
-    return Topics(settings.root)
+    return Topics(settings.root, discovery)
 
 
 @main.group()
@@ -319,7 +320,7 @@ def broker_run(config: Path | None, listen: tuple[str, ...]) -> None:
     from homenet.broker.server import EmbeddedBroker
 
     async def serve() -> None:
-        embedded = EmbeddedBroker(settings.broker, _topics(settings.configurator))
+        embedded = EmbeddedBroker(settings.broker, _topics(settings.configurator, settings.homeassistant.prefix))
         await embedded.start()
         try:
             await _until_signal()

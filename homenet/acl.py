@@ -20,7 +20,7 @@ The rules are one table, `RULES`: the `may_*` functions below read it, and so do
 relative to the root; `TREE` is the whole tree (the root and everything under it) and
 `{id}` stands for the client's own device id; `+` and a final `#` are MQTT's wildcards. An
 entry starting with `/` is an absolute topic, outside the root: `HOME_ASSISTANT`, Home
-Assistant's discovery tree under its default prefix.
+Assistant's discovery tree under the prefix `Topics.discovery` (`{discovery}`).
 """
 
 from __future__ import annotations
@@ -45,7 +45,8 @@ DEVICE_READ = ("config", "register/reply", "rpc")
 TREE = "#"
 OWN = "{id}"
 OUTSIDE = "/"
-HOME_ASSISTANT = "/homeassistant/#"
+HOME_ASSISTANT = "/{discovery}/#"
+DISCOVERY = "{discovery}"
 HA_PRESS = "ha/+/press"
 
 
@@ -83,7 +84,7 @@ def render(entry: str, topics: Topics, name: str) -> str:
     """An entry as an MQTT topic filter: `TREE` is `{root}/#`, `{id}` becomes `name` (a device
     id, or a broker's substitution pattern such as Mosquitto's `%c`)."""
     if entry.startswith(OUTSIDE):
-        return entry[len(OUTSIDE):]
+        return entry[len(OUTSIDE):].replace(DISCOVERY, topics.discovery)
     return f"{topics.root}/#" if entry == TREE else f"{topics.root}/{entry.replace(OWN, name)}"
 
 

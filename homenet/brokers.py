@@ -189,8 +189,9 @@ class Embedded:
     name = "amqtt"
 
     def __init__(self, port: int | None = None, max_payload: int = 256 * 1024,
-                 accounts_file: Path | None = None, **settings: object) -> None:
-        """`settings`: more BrokerSettings (e.g. `connect_timeout`, `max_connections`)."""
+                 accounts_file: Path | None = None, discovery: str = "homeassistant", **settings: object) -> None:
+        """`discovery`: Home Assistant's prefix, for the ACL; `settings`: more BrokerSettings
+        (e.g. `connect_timeout`, `max_connections`)."""
         from homenet.broker.server import BrokerThread
         from homenet.schemas import Topics
         from homenet.settings import BrokerSettings
@@ -200,7 +201,8 @@ class Embedded:
         self.cafile: Path | None = None
         self.fingerprint: str | None = None
         self._thread = BrokerThread(BrokerSettings(listeners=[f"127.0.0.1:{self.port}"], max_payload=max_payload,
-                                                   accounts_file=accounts_file, **settings), Topics())
+                                                   accounts_file=accounts_file, **settings),
+                                    Topics(discovery=discovery))
 
     def start(self) -> None:
         self._thread.start()  # returns once amqtt listens

@@ -58,6 +58,8 @@ class Topics:
     """Every topic of the contract under one configurable root."""
 
     root: str = DEFAULT_ROOT
+    discovery: str = "homeassistant"
+    """Home Assistant's MQTT discovery prefix (outside the root; the broker's ACL follows it)."""
 
     @property
     def configurator_state(self) -> str:

@@ -29,13 +29,13 @@ class HomeAssistantClient:
     """What Home Assistant does on the broker: logs in with an operator account, reads its
     discovery tree and the homenet tree, announces itself (birth) and presses buttons."""
 
-    def __init__(self, url: str, login: tuple[str, str]) -> None:
+    def __init__(self, url: str, login: tuple[str, str], prefix: str = "homeassistant") -> None:
         self.messages: list[tuple[str, bytes, bool, float]] = []
         self._lock = threading.Lock()
         broker = BrokerUrl.parse(url)
         self.client = make_client("home-assistant-test", clean_session=True, username=login[0], password=login[1])
         ready = threading.Event()
-        self.client.on_connect = lambda c, *_: c.subscribe([("homeassistant/#", 1), ("homenet/#", 1)])
+        self.client.on_connect = lambda c, *_: c.subscribe([(f"{prefix}/#", 1), ("homenet/#", 1)])
         self.client.on_subscribe = lambda *_: ready.set()
         self.client.on_message = self._on_message
         self.client.connect(broker.host, broker.port)
@@ -62,9 +62,9 @@ class HomeAssistantClient:
         self.client.loop_stop()
 
 
-def extensions(homeassistant: bool = True) -> GatewaySettings:
+def extensions(homeassistant: bool = True, prefix: str = "homeassistant") -> GatewaySettings:
     return GatewaySettings(web=Switch(enabled=False), metrics=Switch(enabled=False),
-                           homeassistant=HomeAssistantSettings(enabled=homeassistant))
+                           homeassistant=HomeAssistantSettings(enabled=homeassistant, prefix=prefix))
 
 
 def secured_gateway(tmp_path: Path, settings: GatewaySettings,
@@ -81,13 +81,14 @@ def secured_gateway(tmp_path: Path, settings: GatewaySettings,
         gateway = Gateway(broker, tmp_path, enrollment="approve", dynsec_admin=broker.admin, extensions=settings)
     else:
         accounts = tmp_path / "gateway" / "broker-accounts.json"
-        broker = Embedded(accounts_file=accounts)
+        broker = Embedded(accounts_file=accounts, discovery=settings.homeassistant.prefix)
         broker.start()
         gateway = Gateway(broker, tmp_path, accounts_file=accounts, enrollment="approve", extensions=settings)
     ha = None
     try:
         gateway.start()
-        ha = HomeAssistantClient(broker.url, ("homeassistant", add_user(gateway, "homeassistant")))
+        ha = HomeAssistantClient(broker.url, ("homeassistant", add_user(gateway, "homeassistant")),
+                                 settings.homeassistant.prefix)
         yield gateway, ha
     finally:
         if ha:
@@ -186,3 +187,13 @@ def test_switched_off_nothing_is_published_for_home_assistant(tmp_path: Path) ->
         wait_until(lambda: (r := gateway.record("nas-1")) and r.state.value == "pending", what="pending")
         time.sleep(0.5)
         assert not [t for t, *_ in ha.messages if t.startswith("homeassistant/") or "/ha/" in t]
+
+
+def test_another_discovery_prefix_is_followed_by_the_broker_acl(tmp_path: Path) -> None:
+    """HA's MQTT integration lets the owner change its discovery prefix: the configurator
+    publishes under it and the embedded broker's ACL lets it (and Home Assistant) through."""
+    for gateway, ha in secured_gateway(tmp_path, extensions(prefix="ha/discovery")):
+        gateway.agent("nas", "nas-1")
+        pending = wait_until(lambda: ha.last("ha/discovery/device/nas-1/config"), what="discovery under the prefix")
+        assert problems(pending) == []
+        assert not ha.on(CONFIG.format("nas-1")), "nothing under the default prefix"

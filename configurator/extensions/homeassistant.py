@@ -21,7 +21,6 @@ from typing import Any
 
 import paho.mqtt.client as paho
 
-from homenet.acl import HOME_ASSISTANT
 from homenet.mqtt import BrokerUrl, make_client, set_nodelay
 from homenet.schemas import Topics
 from homenet.schemas.messages import Command, Event
@@ -34,7 +33,6 @@ from . import ha_discovery as ha
 
 log = logging.getLogger(__name__)
 
-DEFAULT_PREFIX = HOME_ASSISTANT.strip("/#")
 BIRTH_DELAY = 3.0
 """Seconds, at most, of the random wait before re-sending discovery on HA's birth message."""
 
@@ -45,10 +43,6 @@ class HomeAssistant(Extension):
     def start(self) -> None:
         conf = self.host.settings.configurator
         self.prefix = self.host.settings.homeassistant.prefix
-        if self.prefix != DEFAULT_PREFIX:
-            log.warning("homeassistant: prefix %r: the embedded broker's ACL allows the configurator only %s/# "
-                        "(homenet/acl.py); an external broker's ACL must allow %s/#", self.prefix,
-                        DEFAULT_PREFIX, self.prefix)
         self.topics = Topics(conf.root)
         self._sent: dict[str, bytes] = {}  # device id -> the discovery config HA has
         self._states: dict[str, bytes] = {}
