@@ -613,7 +613,6 @@ class Configurator:
         if old["model"] != _model_of(record.info):
             raise Rejected(f"{record.device_id} is a {_describe(_model_of(record.info))}, {command.predecessor} was a "
                            f"{_describe(old['model'])}: only a unit of the same model takes its place")
-        self._end_quarantine(command.predecessor)  # the owner says its unit is gone: its addresses go along
         previous = [_CONFIG_ITEM.validate_python(i) for i in old["items"]]
         self._release(command.predecessor)  # gone for good, the owner says: its addresses are for its successor
         record, planned = self._plan(record, again=True, previous=previous)
@@ -909,12 +908,6 @@ class Configurator:
             if self.store.get(device_id) is None:
                 holdings.hold(device_id, addresses)
         return holdings
-
-    def _end_quarantine(self, device_id: str) -> None:
-        entries = dict(self.store.meta().get("quarantine") or {})
-        if entries.pop(device_id, None) is not None:
-            self.store.set_meta(quarantine=entries)
-            self.holdings.remove(device_id)
 
     def _end_quarantines(self) -> None:
         """Addresses of forgotten devices whose quarantine has run out are free again."""
