@@ -57,7 +57,7 @@ class Home:
     def receives(self, agent: Agent) -> None:
         """A signed rpc from the configurator reaches the agent (its session is intact)."""
         assert self.gw.configurator is not None
-        msg_id = self.gw.configurator._publish(self.gw.topics.device(agent.device_id, "rpc"), "rpc", Rpc(method="ping"))
+        msg_id = self.gw.configurator.publisher.publish(self.gw.topics.device(agent.device_id, "rpc"), "rpc", Rpc(method="ping"))
         reply = self.gw.topics.device(agent.device_id, "rpc/reply")
         wait_until(lambda: any(t == reply and msg_id.encode() in p for t, p, _ in self.gw.watcher.messages),
                    timeout=10, what=f"{agent.device_id} answering the configurator")
