@@ -11,22 +11,18 @@ from typing import Any
 
 from pydantic import TypeAdapter
 
-from homenet.accounts import AccountError, AccountStore
+from homenet.accounts import AccountError
 from homenet.acl import Role
 from homenet.schemas import decode
 from homenet.schemas.messages import Command, CommandReply, ConfigItem, DeviceInfo, RegisterStatus, Rpc, Severity
 from homenet.schemas.signing import canonical_pairing_code, pairing_code, unb64
-from homenet.settings import ConfiguratorSettings
 
 from .devices import Devices, Rejected
-from .gateway import GatewayDriver
 from .holdings import held_by
 from .ipam import quarantine
 from .lifecycle import PLANNABLE, Event, State, advance
-from .planner import Planner
-from .publisher import Publisher
+from .planner import Handler, Parts
 from .records import DeviceRecord, now
-from .store import Store
 
 log = logging.getLogger(f"{__package__}.service")  # one name in the journal for the whole service
 
@@ -44,19 +40,12 @@ def _describe(model: list[str]) -> str:
     return f"{device_type} ({' '.join(m for m in made if m) or 'no model'})"
 
 
-class Commands:
+class Commands(Handler):
     """`close_session(name)`: closes a client's connection at the broker, where it can be done
     (read when needed: `Configurator.close_session` is set after construction)."""
 
-    def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 accounts: AccountStore | None, publisher: Publisher, planner: Planner, devices: Devices,
-                 close_session: Callable[[], Callable[[str], None] | None]) -> None:
-        self.settings = settings
-        self.store = store
-        self.driver = driver
-        self.accounts = accounts
-        self.out = publisher
-        self.planner = planner
+    def __init__(self, parts: Parts, devices: Devices, close_session: Callable[[], Callable[[str], None] | None]) -> None:
+        super().__init__(parts)
         self.devices = devices
         self._close_session = close_session
         self._ops: dict[str, Callable[[Command], dict[str, Any]]] = {

@@ -12,23 +12,19 @@ from typing import Any, Protocol
 
 from pydantic import ValidationError
 
-from homenet.accounts import AccountStore
 from homenet.acl import Role
 from homenet.schemas import MAX_PAYLOAD, ContractError, Envelope, TopicError, decode, signed_by, strictjson
 from homenet.schemas.results import result_problem
 from homenet.schemas.signing import fingerprint, unb64
 from homenet.schemas.messages import (ConfigResult, DeviceInfo, DeviceStatus, ItemStatus, RegisterReply,
                                       RegisterStatus, ResultStatus, Severity)
-from homenet.settings import ConfiguratorSettings
 
-from .gateway import GatewayDriver
 from .lifecycle import Event, State, advance
 from .newcomers import Newcomers
-from .planner import Planner
-from .publisher import Publisher
+from .planner import Handler, Parts
 from .records import DeviceRecord, now
 from .renumber import left_the_lan
-from .store import Fenced, Store, StoreError
+from .store import Fenced, StoreError
 
 log = logging.getLogger(f"{__package__}.service")  # one name in the journal for the whole service
 
@@ -45,27 +41,20 @@ class Message(Protocol):
     dup: bool
 
 
-class Devices:
+class Devices(Handler):
     """`on_command` and `on_state`: the configurator's own channels (command, configurator/state),
     which arrive in the same batches; `reconcile(records, gateway=)`: after a device's reports;
     `lan_moved`: a device reports addresses outside the LAN."""
 
-    def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver,
-                 accounts: AccountStore | None, publisher: Publisher, planner: Planner,
-                 on_command: Callable[[bytes], None], on_state: Callable[[bytes], None],
+    def __init__(self, parts: Parts, on_command: Callable[[bytes], None], on_state: Callable[[bytes], None],
                  reconcile: Callable[..., None], lan_moved: Callable[[], None]) -> None:
-        self.settings = settings
-        self.store = store
-        self.driver = driver
-        self.accounts = accounts
-        self.out = publisher
-        self.planner = planner
+        super().__init__(parts)
         self._on_command = on_command
         self._on_state = on_state
         self._reconcile = reconcile
         self._lan_moved = lan_moved
-        hosts = max(1, driver.lan().subnet.num_addresses - 2)
-        self.newcomers = Newcomers(settings.max_new_devices or hosts)
+        hosts = max(1, self.driver.lan().subnet.num_addresses - 2)
+        self.newcomers = Newcomers(self.settings.max_new_devices or hosts)
         self._limited = [0, 0.0]
         """Registers dropped by the budget since the last event, and when that was."""
         self._handlers: dict[str, Callable[[str, Envelope, Any, DeviceRecord | None], None]] = {

@@ -7,8 +7,11 @@ from __future__ import annotations
 import threading
 import time
 from collections.abc import Callable
+from dataclasses import dataclass
 from functools import partial
 
+from homenet.accounts import AccountStore
+from homenet.settings import ConfiguratorSettings
 from homenet.schemas.messages import Config, ConfigItem, DeviceInfo, ItemResult, ItemStatus, Severity
 
 from .bus import Bus, DeviceChanged
@@ -153,3 +156,28 @@ class Planner:
                     self.out.publish(topic, "gateway.device", part, retain=True)
             if summary is not None:
                 self.out.publish(self.out.topics.gateway_state, "gateway.state", summary, retain=True)
+
+
+@dataclass(frozen=True)
+class Parts:
+    """What the handlers (devices.py, commands.py, tasks.py) work with; service.py wires one set."""
+    settings: ConfiguratorSettings
+    store: Store
+    driver: GatewayDriver
+    accounts: AccountStore | None
+    engine: Engine
+    out: Publisher
+    planner: Planner
+
+
+class Handler:
+    """A handler's view of the parts, as attributes."""
+
+    def __init__(self, parts: Parts) -> None:
+        self.settings = parts.settings
+        self.store = parts.store
+        self.driver = parts.driver
+        self.accounts = parts.accounts
+        self.engine = parts.engine
+        self.out = parts.out
+        self.planner = parts.planner

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from dataclasses import dataclass
 from typing import Any
 
 from homenet.keys import KeyPair
@@ -24,17 +25,17 @@ Later = Callable[..., None]
 """`later(action, *args, **kwargs)`: the engine's outbox."""
 
 
+@dataclass(frozen=True)
 class Publisher:
-    def __init__(self, topics: Topics, sender: str, key: KeyPair, seq: SequenceCounter, epoch: int,
-                 send: Send, later: Later, bus: Bus) -> None:
-        self.topics = topics
-        self.sender = sender
-        self.key = key
-        self.seq = seq
-        self.epoch = epoch
-        self.send = send
-        self.later = later
-        self.bus = bus
+    """`epoch`: this configurator's, in its state and its configs."""
+    topics: Topics
+    sender: str
+    key: KeyPair
+    seq: SequenceCounter
+    epoch: int
+    send: Send
+    later: Later
+    bus: Bus
 
     def state_payload(self, state: str) -> bytes:
         body = ConfiguratorState(state=state, configurator_id=self.sender, epoch=self.epoch,

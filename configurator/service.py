@@ -40,7 +40,7 @@ from .holdings import Holdings
 from .ipam import LanPlan
 from .lanwatch import LanWatch
 from .newcomers import Newcomers
-from .planner import Planner
+from .planner import Parts, Planner
 from .profiles import Profile
 from .publisher import Publisher
 from .store import Fenced, Store, StoreError
@@ -91,13 +91,12 @@ class Configurator:
                                    lambda *args, **kwargs: self.client.publish(*args, **kwargs),
                                    self.engine.later, self.bus)
         self.planner = Planner(store, driver, self.engine, self.publisher, self.bus)
-        self.tasks = Tasks(settings, store, driver, self.engine, self.publisher, self.planner, self.connected)
+        parts = Parts(settings, store, driver, accounts, self.engine, self.publisher, self.planner)
+        self.tasks = Tasks(parts, self.connected)
         self.lan_watch = LanWatch(driver, self.renumber, settings.gateway.lan_check_interval)
-        self.devices = Devices(settings, store, driver, accounts, self.publisher, self.planner,
-                               self._on_command, self._on_configurator_state, self.tasks.reconcile,
+        self.devices = Devices(parts, self._on_command, self._on_configurator_state, self.tasks.reconcile,
                                self.lan_watch.poke)
-        self.commands = Commands(settings, store, driver, accounts, self.publisher, self.planner, self.devices,
-                                 lambda: self.close_session)
+        self.commands = Commands(parts, self.devices, lambda: self.close_session)
         self.broker = BrokerUrl.parse(settings.broker)
         self.client = make_client(client_id or f"homenet-{self.sender}", clean_session=False,
                                   username=login[0] if login else None, password=login[1] if login else None,

@@ -9,33 +9,22 @@ import threading
 import time
 from functools import partial
 
-from homenet.settings import ConfiguratorSettings
 from homenet.schemas.messages import Severity
 
-from .engine import Engine
-from .gateway import GatewayDriver
 from .ipam import LanPlan, quarantined
-from .planner import Planner
-from .publisher import Publisher
+from .planner import Handler, Parts
 from .reconcile import Check, DriftTracker, GatewayListing, Side, device_drift, gateway_drift
 from .records import DeviceRecord
 from .renumber import lan_plan, saved, saved_plan
-from .store import Store
 
 log = logging.getLogger(f"{__package__}.service")  # one name in the journal for the whole service
 
 
-class Tasks:
-    def __init__(self, settings: ConfiguratorSettings, store: Store, driver: GatewayDriver, engine: Engine,
-                 publisher: Publisher, planner: Planner, connected: threading.Event) -> None:
-        self.settings = settings
-        self.store = store
-        self.driver = driver
-        self.engine = engine
-        self.out = publisher
-        self.planner = planner
+class Tasks(Handler):
+    def __init__(self, parts: Parts, connected: threading.Event) -> None:
+        super().__init__(parts)
         self._connected = connected
-        self._drift = DriftTracker(settings.drift == "correct", settings.reconcile_interval)
+        self._drift = DriftTracker(self.settings.drift == "correct", self.settings.reconcile_interval)
         self._halt = threading.Event()
         self.ticker = threading.Thread(target=self._tick, name="reconcile", daemon=True)
 

@@ -18,7 +18,7 @@ from homenet.configurator.devices import Devices
 from homenet.configurator.engine import Engine
 from homenet.configurator.gateway import MemoryGatewayDriver
 from homenet.configurator.lifecycle import State
-from homenet.configurator.planner import Planner
+from homenet.configurator.planner import Parts, Planner
 from homenet.configurator.publisher import Publisher
 from homenet.configurator.records import DeviceRecord
 from homenet.configurator.renumber import lan_plan
@@ -135,8 +135,8 @@ def devices(tmp_path: Path) -> tuple[Devices, Engine, list[tuple[str, bytes]]]:
                           lambda topic, payload, **_kw: sent.append((topic, payload)), engine.later, Bus())
     driver = MemoryGatewayDriver(lan_plan(settings.lan))
     planner = Planner(store, driver, engine, publisher, Bus())
-    handler = Devices(settings, store, driver, None, publisher, planner, lambda _p: None, lambda _p: None,
-                      lambda *_a, **_kw: None, lambda: None)
+    parts = Parts(settings, store, driver, None, engine, publisher, planner)
+    handler = Devices(parts, lambda _p: None, lambda _p: None, lambda *_a, **_kw: None, lambda: None)
     return handler, engine, sent
 
 
