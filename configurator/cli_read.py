@@ -15,7 +15,8 @@ import click
 from homenet.acl import Role
 from homenet.settings import GatewaySettings
 
-from .cli import BROKER, CONFIG, DATA_DIR, JSON, _load, local_url, main, users
+from .cli import CONFIG, DATA_DIR, _load, local_url, main
+from .cli_operator import BROKER, JSON, users
 
 
 def echo_json(value: object) -> None:

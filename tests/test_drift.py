@@ -52,7 +52,7 @@ def behind_its_back(gateway: Gateway, action: Callable[[], Any]) -> None:
     """Run `action` on the configurator's worker between two batches (so it races with nothing),
     as if a person changed the gateway: nothing the configurator does sees it happen."""
     assert gateway.configurator is not None
-    gateway.configurator._inbox.put(action)
+    gateway.configurator.submit(action)
 
 
 def events(gateway: Gateway, name: str) -> list[dict[str, Any]]:

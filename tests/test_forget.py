@@ -81,7 +81,7 @@ def test_mosquitto_closes_the_session_of_a_deleted_account(secure_mosquitto: Gat
     enrolled(secure_mosquitto, "camera", "cam-m")
     configurator = secure_mosquitto.configurator
     assert configurator is not None
-    configurator._inbox.put(lambda: configurator._forget(Command(op="forget", device_id="cam-m")))
+    configurator.submit(lambda: configurator.commands.forget(Command(op="forget", device_id="cam-m")))
     wait_until(lambda: "dropping the broker account" in caplog.text, 5, "cam-m thrown off and its old login refused")
     assert "disconnected from" in caplog.text
 
@@ -93,7 +93,7 @@ def test_the_quarantine_ends_and_survives_a_restart(embedded: Embedded, tmp_path
         old = gateway.agent("nas", "nas-1")
         held = gateway.wait_configured("nas-1").address
         gateway.stop_agent(old)
-        configurator._inbox.put(lambda: configurator._forget(Command(op="forget", device_id="nas-1")))
+        configurator.submit(lambda: configurator.commands.forget(Command(op="forget", device_id="nas-1")))
         wait_until(lambda: gateway.record("nas-1") is None, 5, "nas-1 forgotten")
         gateway.stop()
         gateway.start()  # the quarantine is in the database

@@ -65,7 +65,7 @@ class Home:
         def answered() -> bool:
             if any(t == reply and any(m in p for m in asked) for t, p, _ in self.gw.watcher.messages):
                 return True
-            asked.append(self.gw.configurator._publish(self.gw.topics.device(agent.device_id, "rpc"), "rpc",
+            asked.append(self.gw.configurator.publisher.publish(self.gw.topics.device(agent.device_id, "rpc"), "rpc",
                                                        Rpc(method="ping")).encode())
             time.sleep(1)
             return False
