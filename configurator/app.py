@@ -20,6 +20,7 @@ from homenet.settings import ConfiguratorSettings, SettingsError
 
 from .gateway import GatewayDriver, GatewayReporter, MemoryGatewayDriver
 from .ipam import LanPlan
+from .operator import OPERATOR_KEY
 from .renumber import lan_plan, saved_plan
 from .service import Configurator
 from .store import SqliteStore
@@ -27,6 +28,7 @@ from .store import SqliteStore
 DB_NAME = "homenet.db"
 KEY_NAME = "configurator.key"
 ADMIN, ADMIN_SECRET = "admin", "admin.secret"
+
 """The gateway's local operator account: `homenet devices ...` on the gateway logs in with it."""
 
 
@@ -141,6 +143,7 @@ def identity(settings: ConfiguratorSettings, accounts: AccountStore | None = Non
             login = ("configurator", ensure_account(accounts, "configurator", Role.CONFIGURATOR,
                                                     settings.data_dir / "configurator.secret"))
             ensure_account(accounts, ADMIN, Role.OPERATOR, settings.data_dir / ADMIN_SECRET)
+        KeyPair.load_or_create(settings.data_dir / OPERATOR_KEY)
         mqtt_id = client_id(settings)
     return Identity(key, accounts, login, mqtt_id)
 

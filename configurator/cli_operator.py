@@ -189,7 +189,7 @@ def users_remove(name: str, config: Path | None, data_dir: Path | None, broker: 
 
 def _command(config: Path | None, data_dir: Path | None, broker: str | None, command: Any) -> Any:
     from .app import ADMIN, ADMIN_SECRET
-    from .operator import send_command
+    from .operator import operator_key, send_command
 
     settings: GatewaySettings = _load(GatewaySettings, config, **{"configurator.broker": broker,
                                                                   "configurator.data_dir": data_dir})
@@ -203,7 +203,14 @@ def _command(config: Path | None, data_dir: Path | None, broker: str | None, com
     except PermissionError:
         raise _unreadable(secret) from None
     try:
-        reply = send_command(url, command, conf.root, login, cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
+        key = operator_key(conf.data_dir)
+    except PermissionError as exc:
+        raise _unreadable(Path(exc.filename or conf.data_dir)) from None
+    except ValueError as exc:
+        raise click.ClickException(str(exc)) from None
+    try:
+        reply = send_command(url, command, conf.root, login, key=key,
+                             cafile=conf.broker_cafile or conf.data_dir / "broker-cert.pem")
     except (ConnectionError, TimeoutError) as exc:
         raise click.ClickException(str(exc)) from None
     if not reply.ok:

@@ -13,13 +13,15 @@ from pydantic import TypeAdapter
 
 from homenet.accounts import AccountError
 from homenet.acl import Role
-from homenet.schemas import decode
+from homenet.keys import KeyPair
+from homenet.schemas import Envelope, decode, signed_by
 from homenet.schemas.messages import Command, CommandReply, ConfigItem, DeviceInfo, RegisterStatus, Rpc, Severity
 from homenet.schemas.signing import canonical_pairing_code, pairing_code, unb64
 
 from .devices import Devices, Rejected
 from .holdings import held_by
 from .ipam import quarantine
+from .operator import OPERATOR_KEY
 from .lifecycle import PLANNABLE, Event, State, advance
 from .planner import Handler, Parts
 from .records import DeviceRecord, now
@@ -56,12 +58,34 @@ class Commands(Handler):
     def on_command(self, payload: bytes) -> None:
         envelope, command = decode(payload, expected_kind="command")
         try:
+            self._check_signed(envelope)
             result = self._ops[command.op](command)
             reply = CommandReply(re=envelope.id, ok=True, result=result)
         except (Rejected, AccountError) as exc:  # AccountError: e.g. Mosquitto refused the change
             log.warning("command %s from %s refused: %s", command.op, envelope.sender, exc)
             reply = CommandReply(re=envelope.id, ok=False, error=str(exc))
         self.out.publish(self.out.topics.command_reply, "command.reply", reply)
+
+    def _check_signed(self, envelope: Envelope) -> None:
+        """Only the gateway's operator key commands (the broker already admits only operator
+        accounts on this topic, never a will); its seq must rise, so a command a reader saw
+        cannot be sent again. Without broker accounts (a configurator in front of an open
+        broker: no trust boundary at all, docs/security.md) commands are taken as they come."""
+        if self.accounts is None:
+            return
+        path = self.settings.data_dir / OPERATOR_KEY
+        public = KeyPair.load_or_create(path).public if path.exists() else None
+        if not signed_by(envelope, public):
+            self.out.event("command.refused", Severity.WARNING, sender=envelope.sender,
+                           reason=f"{envelope.sender}: not signed by the gateway's operator key")
+            raise Rejected("not signed by the gateway's operator key (the CLI on the gateway, the owner's page "
+                           "and Home Assistant's buttons sign with it)")
+        last = int(self.store.meta().get("operator_seq", 0))
+        if envelope.seq <= last:
+            self.out.event("command.refused", Severity.WARNING, sender=envelope.sender,
+                           reason=f"{envelope.sender}: replayed (seq {envelope.seq} is not above {last})")
+            raise Rejected(f"replayed or out of order: seq {envelope.seq} is not above {last}")
+        self.store.set_meta(operator_seq=envelope.seq)
 
     def _known(self, command: Command, *states: State) -> DeviceRecord:
         record = self.store.get(command.device_id or "")

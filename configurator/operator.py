@@ -12,18 +12,33 @@ import uuid
 from pathlib import Path
 from typing import Any
 
+from homenet.keys import KeyPair
 from homenet.mqtt import BrokerUrl, make_client, session, set_nodelay
 from homenet.schemas import ContractError, Topics, decode, encode
 from homenet.schemas.messages import Command, CommandReply
 
+OPERATOR_KEY = "operator.key"
+"""The gateway's operator key (0600 in the data directory, made with the configurator's
+identity): every operator command is signed with it (the CLI on the gateway, the owner's page,
+Home Assistant's buttons); the configurator refuses any other."""
+
+
+def operator_key(data_dir: Path) -> KeyPair | None:
+    """The gateway's operator key, from its data directory; None where there is none (not the
+    gateway's data directory: a configurator with broker accounts then refuses the command)."""
+    path = Path(data_dir) / OPERATOR_KEY
+    return KeyPair.load_or_create(path) if path.exists() else None
+
 
 def send_command(url: str, command: Command, root: str, login: tuple[str, str] | None = None,
-                 cafile: Path | None = None, timeout: float = 10.0) -> CommandReply:
+                 cafile: Path | None = None, timeout: float = 10.0, key: KeyPair | None = None) -> CommandReply:
+    """`key`: the gateway's operator key (`operator_key`); an unsigned command is refused."""
     broker = BrokerUrl.parse(url)
     topics = Topics(root)
     sender = f"operator-{uuid.uuid4().hex[:8]}"
-    # operators keep no counter on disk: a millisecond clock keeps their seq rising
-    msg_id, payload = encode("command", command, sender=sender, seq=time.time_ns() // 1_000_000)
+    # operators keep no counter on disk: a microsecond clock keeps their seq rising
+    msg_id, payload = encode("command", command, sender=sender, seq=time.time_ns() // 1000,
+                             sign=key.sign if key else None)
     replies: list[CommandReply] = []
     done = threading.Event()
     client = make_client(sender, clean_session=True, username=login[0] if login else None,

@@ -20,7 +20,7 @@ import pytest
 from homenet.brokers import Embedded, Mosquitto, wait_listening
 from homenet.configurator.app import ADMIN, ADMIN_SECRET, KEY_NAME, db_path
 from homenet.configurator.lifecycle import State
-from homenet.configurator.operator import send_command
+from homenet.configurator.operator import operator_key, send_command
 from homenet.configurator.standby import Standby, Watch
 from homenet.mqtt import RECONNECT_MAX_DELAY
 from homenet.configurator.store import SqliteStore
@@ -280,7 +280,8 @@ def test_a_command_sent_while_no_configurator_is_connected_is_answered_by_the_ne
     first.kill()
     answers: list[Any] = []
     operator = threading.Thread(target=lambda: answers.append(send_command(
-        home.url, Command(op="forget", device_id="nas-1"), TOPICS.root, home.admin, timeout=60)))
+        home.url, Command(op="forget", device_id="nas-1"), TOPICS.root, home.admin, timeout=60,
+        key=operator_key(home.data))))
     operator.start()
     wait_until(lambda: any(t == TOPICS.command for t, _, _ in home.watcher.messages), what="the command sent")
     second = home.configurator()

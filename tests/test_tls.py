@@ -14,7 +14,7 @@ import pytest
 
 from homenet.agent.app import build as build_agent
 from homenet.brokers import wait_listening
-from homenet.configurator.operator import send_command
+from homenet.configurator.operator import operator_key, send_command
 from homenet.netutil import free_port
 from homenet.schemas.messages import Command
 from homenet.settings import AgentSettings
@@ -121,7 +121,7 @@ def test_on_mosquitto_everything_speaks_tls_with_the_pinned_certificate(
     assert plain.returncode != 0
 
     reply = send_command(broker.url, Command(op="user.add", user="alice", read_only=True), "homenet/v1",
-                         gw.admin, cafile=broker.cafile)
+                         gw.admin, cafile=broker.cafile, key=operator_key(gw.data_dir))
     read = subprocess.run([mosquitto_sub, "-h", "127.0.0.1", "-p", str(broker.port), "--cafile", str(broker.cafile),
                            "--insecure", "-u", "alice", "-P", reply.result["password"], "-v", "-t", "homenet/#",
                            "-W", "3"], capture_output=True, text=True, timeout=20)

@@ -27,7 +27,7 @@ import pytest
 from homenet.accounts import Accounts
 from homenet.agent.service import Agent
 from homenet.brokers import Embedded, Mosquitto, wait_listening
-from homenet.configurator.operator import send_command
+from homenet.configurator.operator import operator_key, send_command
 from homenet.keys import KeyPair
 from homenet.mqtt import make_client
 from homenet.netutil import free_port
@@ -495,8 +495,42 @@ def test_a_registration_flood_gets_no_more_than_the_budget_of_new_devices(tmp_pa
         assert len(enrolled_fakes) == 6 and all(d.startswith("fake-") for d in enrolled_fakes)
         fake_accounts = [a.name for a in Accounts(accounts).all() if a.name.startswith("fake-")]
         assert len(fake_accounts) == 6
-        send_command(broker.url, Command(op="forget", device_id=enrolled_fakes[0]), "homenet/v1", gateway.admin)
+        send_command(broker.url, Command(op="forget", device_id=enrolled_fakes[0]), "homenet/v1", gateway.admin,
+                     key=operator_key(gateway.data_dir))
         gateway.wait_configured("r-real", timeout=20)
     finally:
         gateway.close()
         broker.stop()
+
+
+def test_an_operator_command_counts_only_signed_by_the_gateways_operator_key_and_only_once(secure: Gateway) -> None:
+    """An operator account's password is not enough: a command unsigned, signed by another key,
+    or sent again as a reader saw it is refused with a reason, an event names it, and the
+    device stays. Also where Mosquitto lets an operator's will through (docs/security.md)."""
+    home = Home(secure)
+    key = operator_key(secure.data_dir)
+    forget = Command(op="forget", device_id="r-a2")
+    for signer, why in ((None, "not signed by the gateway's operator key"),
+                        (KeyPair.generate(), "not signed by the gateway's operator key")):
+        reply = send_command(secure.broker.url, forget, "homenet/v1", secure.admin, key=signer)
+        assert not reply.ok and why in reply.error
+        secure.watcher.wait_event("command.refused")
+    assert secure.record("r-a2") is not None
+    # the same signed bytes twice: the second is a replay
+    seq = time.time_ns() // 1000
+    harmless = Command(op="approve", device_id="r-a2")  # refused by the handler: r-a2 is not pending
+    _, signed = encode("command", harmless, sender="operator-r", seq=seq, sign=key.sign)
+    client = make_client("operator-r", clean_session=True, username=secure.admin[0], password=secure.admin[1])
+    client.connect("127.0.0.1", secure.broker.port)
+    client.loop_start()
+    try:
+        for _ in range(2):
+            client.publish(secure.topics.command, signed, qos=1).wait_for_publish(5)
+    finally:
+        client.disconnect()
+        client.loop_stop()
+    event = secure.watcher.wait_event("command.refused", reason=f"operator-r: replayed (seq {seq} is not above {seq})")
+    assert event["severity"] == "warning"
+    signed_reply = send_command(secure.broker.url, harmless, "homenet/v1", secure.admin, key=key)
+    assert "r-a2 is configured, not pending" in signed_reply.error, "a signed command reaches its handler"
+    home.unharmed()

@@ -98,10 +98,11 @@ class Host:
         """Through the configurator's command channel, as `homenet devices ...` does, logged in
         as `login` (the broker's ACL decides what that account may do). Blocks: call it from a
         thread of the extension's own."""
-        from ..operator import send_command
+        from ..operator import operator_key, send_command
 
         conf = self.settings.configurator
-        return send_command(conf.broker, command, conf.root, login, cafile=conf.broker_cafile)
+        return send_command(conf.broker, command, conf.root, login, cafile=conf.broker_cafile,
+                            key=operator_key(conf.data_dir))
 
     def operator(self, name: str, password: str) -> Role | None:
         """The role of an operator account (operator or reader) whose password this is, else None."""
