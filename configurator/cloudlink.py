@@ -18,6 +18,11 @@ connection itself (the home is behind NAT):
   (reconciliation re-applies a port forward) it takes, says so, and checks again.
 Store reads that need the whole database, and the gateway's listing, run on the configurator's
 worker (`submit`): its records and driver belong to that thread.
+
+Why one module of 460 lines: the link's threads (sender, failure long-poll, worker) share one
+durable state and one signed client; the pieces the server side splits by role are thin here
+(a request and what the home does with its answer), and the durable outbox, the profile cache
+and the client are already modules of their own (cloudstate.py, cloudclient.py).
 """
 
 from __future__ import annotations

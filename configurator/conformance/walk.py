@@ -8,6 +8,10 @@ rules of docs/protocol.md; each rule ends as `Verdict(rule, ok, seen)`, where `s
 the kit saw. A step whose rule is a precondition of the rest (`gate=True`) stops the walk when
 it fails: every rule not reached is reported failed, `not reached`. Waits are short and
 bounded (`Timing`); "must not answer" rules watch for `Timing.quiet` seconds.
+
+Why one module of 500 lines: the walk is one ordered script (each step uses the state the
+steps before it left: the agent's account, its pinned key, its last version), read top to
+bottom against docs/protocol.md; split by rule it would need that state passed around.
 """
 
 from __future__ import annotations
