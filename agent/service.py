@@ -136,6 +136,7 @@ class Agent:
                 return
             old, self.client = self.client, self._new_client()
         old.on_disconnect = None  # left on purpose: not a loss of the broker to report
+        log.info("disconnected from %s on purpose: connecting again", self.broker)
         old.disconnect()
         old.loop_stop()  # all of it: an apply under way there must end before the new client may start one
         self._connect()
@@ -317,7 +318,8 @@ class Agent:
         envelope, reply = self._trusted(msg.payload, "register.reply")
         # Its seq need not be on disk before this returns: a reply sent again after a restart
         # answers a registration this process never made (`re` below), so it is refused anyway.
-        self._fresh(envelope, durable=False)
+        if not self._fresh(envelope, msg.dup, durable=False):
+            return
         if reply.re != self._register_id:
             log.info("register.reply for an earlier registration ignored")
             return
@@ -417,7 +419,8 @@ class Agent:
 
     def _on_rpc(self, msg: paho.MQTTMessage) -> None:
         envelope, rpc = self._trusted(msg.payload, "rpc")
-        self._fresh(envelope)
+        if not self._fresh(envelope, msg.dup):
+            return
         result: dict[str, Any] = {}
         if rpc.method == "refresh":
             self._send_info_if_changed(force=True)
@@ -426,16 +429,22 @@ class Agent:
                       "in_force": self.executor.in_force()}
         self._publish("rpc/reply", "rpc.reply", RpcReply(re=envelope.id, ok=True, result=result))
 
-    def _fresh(self, envelope: Envelope, durable: bool = True) -> None:
+    def _fresh(self, envelope: Envelope, redelivered: bool, durable: bool = True) -> bool:
         """A live message must be newer than every one accepted before (persisted: at once, or
         with the next write when not `durable`): a captured reply or rpc published again is
         refused. Retained messages (config, configurator/state) come back with their old seq
-        by design; their version and epoch protect them."""
+        by design; their version and epoch protect them. False: the last one accepted, sent
+        again by the broker (DUP: its PUBACK was lost with a connection closed right after,
+        as when the agent logs in with a new account), to be ignored quietly."""
         last = self.state.state.configurator_seq
+        if redelivered and envelope.seq == last:
+            log.debug("%s seq %d delivered again", envelope.kind, envelope.seq)
+            return False
         if envelope.seq <= last:
             raise ContractError(f"replayed or out of order: {envelope.kind} seq {envelope.seq} "
                                 f"is not above {last}, the last accepted from the configurator")
         (self.state.update if durable else self.state.note)(configurator_seq=envelope.seq)
+        return True
 
     # --- info ------------------------------------------------------------------------------
 
