@@ -146,7 +146,9 @@ def test_a_will_on_a_topic_the_client_may_not_publish_is_refused(secure: Gateway
         home.event("auth.failed", f"a will on {will_topic}, which stranger may not publish")
     time.sleep(1.0)
     assert not any(b"PWNED" in p for _, p, _ in secure.watcher.messages)
-    home.unharmed()
+    # Mosquitto admits an anonymous client under r-a1's id (it ties no login to a client id,
+    # docs/security.md), which throws r-a1 off for a moment: it must come back by itself
+    home.unharmed(taken_over=secure.broker.name == "mosquitto")
 
 
 def test_operator_commands_never_come_from_a_will_nor_from_a_device(secure: Gateway, mosquitto_pub: str) -> None:
