@@ -50,6 +50,7 @@ class Commands(Handler):
         super().__init__(parts)
         self.devices = devices
         self._close_session = close_session
+        self._operator: bytes | None = None
         self._ops: dict[str, Callable[[Command], dict[str, Any]]] = {
             "forget": self.forget, "approve": self._approve, "reject": self._reject,
             "pair": self._pair, "reset": self._reset, "refresh": self._refresh, "replace": self._replace,
@@ -73,9 +74,7 @@ class Commands(Handler):
         broker: no trust boundary at all, docs/security.md) commands are taken as they come."""
         if self.accounts is None:
             return
-        path = self.settings.data_dir / OPERATOR_KEY
-        public = KeyPair.load_or_create(path).public if path.exists() else None
-        if not signed_by(envelope, public):
+        if not signed_by(envelope, self._operator_public()):
             self.out.event("command.refused", Severity.WARNING, sender=envelope.sender,
                            reason=f"{envelope.sender}: not signed by the gateway's operator key")
             raise Rejected("not signed by the gateway's operator key (the CLI on the gateway, the owner's page "
@@ -86,6 +85,13 @@ class Commands(Handler):
                            reason=f"{envelope.sender}: replayed (seq {envelope.seq} is not above {last})")
             raise Rejected(f"replayed or out of order: seq {envelope.seq} is not above {last}")
         self.store.set_meta(operator_seq=envelope.seq)
+
+    def _operator_public(self) -> bytes | None:
+        """The operator key's public half, read once it exists (made with the identity)."""
+        path = self.settings.data_dir / OPERATOR_KEY
+        if self._operator is None and path.exists():
+            self._operator = KeyPair.load_or_create(path).public
+        return self._operator
 
     def _known(self, command: Command, *states: State) -> DeviceRecord:
         record = self.store.get(command.device_id or "")
